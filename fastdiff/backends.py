@@ -1,0 +1,124 @@
+"""Which implementation runs a call, and why the others cannot.
+
+Order (DESIGN "How a call flows"): CUDA tensors -> triton, cpp, reference; CPU tensors -> cpp,
+reference (triton runs CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1, and
+only when forced). FASTDIFF_BACKEND=reference|triton|cpp forces one; a forced backend that cannot
+run raises with every reason. `fastdiff.backends()` prints the table.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+from types import ModuleType
+
+import torch
+
+NAMES = ("triton", "cpp", "reference")
+ENV_VAR = "FASTDIFF_BACKEND"
+DEFAULT_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _import_kernels() -> ModuleType:
+    """`fastdiff.kernels` when installed; from a source checkout, the sibling `kernels/` folder."""
+    try:
+        return importlib.import_module("fastdiff.kernels")
+    except ModuleNotFoundError:
+        source = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+        if not source.exists():
+            raise
+        spec = importlib.util.spec_from_file_location("fastdiff.kernels", source,
+                                                      submodule_search_locations=[str(source.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastdiff.kernels"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if torch.version.hip is None and torch.cuda.get_device_capability() < (7, 5):
+            return f"GPU compute capability {torch.cuda.get_device_capability()} < (7, 5)"
+        return None
+    if device_type == "cpu":
+        return None if _interpreting() else "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+    return f"device type {device_type!r} is not supported"
+
+
+def _cpp_reason(device_type: str) -> str | None:
+    try:
+        cpp = importlib.import_module("fastdiff._cpp")
+    except ImportError as error:  # the wrapper itself is missing or broken
+        return f"fastdiff._cpp failed to import: {error}"
+    return cpp.unavailable_reason(device_type)
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None when backend `name` can run tensors of `device_type`, else why not."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        return _triton_reason(device_type)
+    if name == "cpp":
+        return _cpp_reason(device_type)
+    raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+
+
+def load(name: str) -> ModuleType:
+    if name == "triton":
+        return _import_kernels()
+    return importlib.import_module({"cpp": "fastdiff._cpp", "reference": "fastdiff.eager"}[name])
+
+
+def _forced() -> str | None:
+    forced = os.environ.get(ENV_VAR, "").strip().lower() or None
+    if forced is not None and forced not in NAMES:
+        raise ValueError(f"{ENV_VAR} must be one of {NAMES} (or unset), got {forced!r}")
+    return forced
+
+
+def _candidates(device_type: str, forced: str | None) -> tuple[str, ...]:
+    if forced is not None:
+        return (forced,)
+    return DEFAULT_ORDER.get(device_type, ("reference",))
+
+
+def select(op: str, tensor: torch.Tensor) -> ModuleType:
+    """The backend module that runs `op` on `tensor`'s device (first available in order)."""
+    device_type, forced = tensor.device.type, _forced()
+    reasons = []
+    for name in _candidates(device_type, forced):
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            module = load(name)
+            if hasattr(module, op):
+                return module
+            reason = f"does not implement {op}"
+        reasons.append(f"{name}: {reason}")
+    raise RuntimeError(f"no backend can run fastdiff.{op} on {device_type} tensors "
+                       f"({ENV_VAR}={forced!r}): " + "; ".join(reasons))
+
+
+def status(device_types=("cpu", "cuda")) -> list[tuple[str, str, str]]:
+    """(backend, device type, 'available' or the reason it is not) for every pair."""
+    return [(name, dev, unavailable_reason(name, dev) or "available") for dev in device_types for name in NAMES]
+
+
+def report() -> str:
+    forced = _forced()
+    lines = [f"fastdiff backends ({ENV_VAR}={forced or 'unset'}; order cuda: "
+             f"{' > '.join(DEFAULT_ORDER['cuda'])}, cpu: {' > '.join(DEFAULT_ORDER['cpu'])})"]
+    lines += [f"  {dev:5s} {name:10s} {state}" for name, dev, state in status()]
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""The counter-based Philox normal stream shared by every backend.
+
+Each normal is a pure function of (seed, counter, stream, global sample index, element index):
+
+    key     = (seed & 0xFFFFFFFF, seed >> 32)                       # 64-bit seed
+    counter = (element index within the sample, global sample index, step counter, stream)
+    i0, i1  = Philox4x32-10(counter, key)[:2]
+    n       = Box-Muller(uniform(i0), uniform(i1)).cos-branch
+
+The round function, the uint->uniform conversion and the Box-Muller transform are exactly
+Triton's `tl.philox` / `tl.randn` (triton/language/random.py), so Triton kernels produce this
+stream with `tl.philox(seed, c0, c1, c2, c3)`; csrc/ implements the same integer stream.
+Because the counter holds the *global* sample index, sample i gets the same noise in a batch of
+1, a batch of 64, or a slice of a batch on another process (`sample_offset`).
+
+The step counter of a reverse step is its timestep t; the stream separates the reverse-step
+noise from the training (q-sample) noise for the same seed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+STREAM_STEP = 0  # noise injected by a reverse step (DDPM / DDIM eta > 0); counter = timestep
+STREAM_Q_SAMPLE = 1  # training noise of q_sample
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_ROUNDS = 10
+UINT_TO_UNIFORM_SCALE = 4.6566127342e-10  # Triton's: max int32 * scale < 1.0 in float32
+MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a 32-bit constant a and int64 b in [0, 2^32).
+
+    int64 cannot hold the 64-bit product, so b is split in 16-bit halves (each partial < 2^48).
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32(counters: Sequence[torch.Tensor], seed: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values."""
+    c0, c1, c2, c3 = (c.to(torch.int64) & MASK32 for c in counters)
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale."""
+    x = torch.where(x >= 2**31, x - 2**32, x)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(UINT_TO_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """Triton's pair_uniform_to_normal, cosine branch, in float32."""
+    u1 = torch.clamp(u1, min=1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return seed
+
+
+def randn(
+    shape: Sequence[int],
+    seed: int,
+    *,
+    counter: int = 0,
+    stream: int = STREAM_STEP,
+    sample_offset: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Normals of the fastdiff stream, exactly as the fused kernels draw them.
+
+    `shape[0]` is the batch; sample i of the result is global sample `sample_offset + i`.
+    `randn(x.shape, seed, counter=t)` is the noise a seeded DDPM step at timestep t adds to x.
+    Runs on any device (plain tensor ops; the fused kernels are the fast path).
+    """
+    check_seed(seed)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        raise ValueError("shape must have a batch dimension, got ()")
+    batch, per_sample = shape[0], 1
+    for s in shape[1:]:
+        per_sample *= s
+    element = torch.arange(per_sample, device=device, dtype=torch.int64).expand(batch, per_sample)
+    sample = (torch.arange(batch, device=device, dtype=torch.int64) + sample_offset)[:, None].expand(batch, per_sample)
+    zeros = torch.zeros((), device=device, dtype=torch.int64)
+    i0, i1, _, _ = philox4x32((element, sample, zeros + counter, zeros + stream), seed)
+    normal = box_muller(uint32_to_uniform(i0), uint32_to_uniform(i1))
+    return normal.reshape(shape).to(dtype)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh 63-bit seed from a CPU generator (torch's default one when None): no device sync."""
+    return int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
