@@ -5,10 +5,7 @@ __version__ = "0.1.0"
 
 from . import backends as _backends
 from . import noise, ops, reference, schedules, tables
-try:
-    from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
-except ImportError:  # TEMP while samplers are written
-    pass
+from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
 
 
 def backends() -> str:

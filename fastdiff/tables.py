@@ -50,12 +50,16 @@ def prediction_code(prediction_type: str) -> int:
     return PREDICTION_TYPES.index(prediction_type)
 
 
-def _empty_table(num_train_timesteps: int) -> torch.Tensor:
-    return torch.full((num_train_timesteps + 1, WIDTH), math.nan, dtype=torch.float64)
+def _empty_rows(num_train_timesteps: int) -> list[list[float]]:
+    return [[math.nan] * WIDTH for _ in range(num_train_timesteps + 1)]
 
 
-def _fill_common(row: torch.Tensor, t: int, abar_t: float) -> None:
-    row[TIMESTEP] = t
+def _as_table(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).float()  # derived in float64, stored in float32
+
+
+def _fill_common(row: list[float], t: int, abar_t: float) -> None:
+    row[TIMESTEP] = float(t)
     row[SQRT_ABAR] = math.sqrt(abar_t)
     row[SQRT_1M_ABAR] = math.sqrt(1.0 - abar_t)
 
@@ -78,7 +82,7 @@ def ddpm_noise_std(variance_type: str, posterior_variance: float, beta_t: float)
 def ddpm_table(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], variance_type: str) -> torch.Tensor:
     """Rows for the timesteps of a DDPM schedule; prev of timesteps[i] is timesteps[i + 1] (or -1)."""
     abar = alphas_cumprod.to(torch.float32).double().tolist()  # diffusers' float32 values, exactly
-    table = _empty_table(len(abar))
+    table = _empty_rows(len(abar))
     steps = [int(t) for t in timesteps]
     for i, t in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else -1
@@ -93,13 +97,13 @@ def ddpm_table(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], variance_
         row[DDPM_STD] = ddpm_noise_std(variance_type, posterior_variance, beta_t) if t > 0 else 0.0
         row[DDPM_MIN_LOG] = math.log(max(posterior_variance, 1e-20))  # Improved DDPM eq. 15
         row[DDPM_MAX_LOG] = math.log(beta_t) if beta_t > 0 else -math.inf
-    return table.float()
+    return _as_table(table)
 
 
 def ddim_table(alphas_cumprod: torch.Tensor, step_ratio: int, final_alpha_cumprod: float) -> torch.Tensor:
     """Rows for every training timestep t; prev = t - step_ratio (DDIM, diffusers' rule)."""
     abar = alphas_cumprod.to(torch.float32).double().tolist()
-    table = _empty_table(len(abar))
+    table = _empty_rows(len(abar))
     for t, abar_t in enumerate(abar):
         prev = t - step_ratio
         abar_prev = abar[prev] if prev >= 0 else final_alpha_cumprod
@@ -109,8 +113,8 @@ def ddim_table(alphas_cumprod: torch.Tensor, step_ratio: int, final_alpha_cumpro
         row[DDIM_1M_ABAR_PREV] = 1.0 - abar_prev
         variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)  # DDIM eq. 16
         row[DDIM_SIGMA] = math.sqrt(max(variance, 0.0))
-        row[6:] = 0.0
-    return table.float()
+        row[6:] = [0.0, 0.0]
+    return _as_table(table)
 
 
 def device_row_index(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:

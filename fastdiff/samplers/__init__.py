@@ -1,0 +1,3 @@
+from .ddpm import DDPMSampler
+from .ddim import DDIMSampler
+from .output import SamplerOutput
