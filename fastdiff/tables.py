@@ -118,7 +118,13 @@ def ddim_table(alphas_cumprod: torch.Tensor, step_ratio: int, final_alpha_cumpro
 
 
 def device_row_index(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Row of a device timestep, out-of-range ones mapped to the NaN row T (no sync)."""
-    t = timestep.reshape(()).to(torch.int64)
+    """Row index (shape [1]) of a device timestep; out-of-range ones map to the NaN row T (no sync)."""
+    t = timestep.reshape(1).to(torch.int64)
     in_range = (t >= 0) & (t < num_train_timesteps)
     return torch.where(in_range, t, torch.full_like(t, num_train_timesteps))
+
+
+def gather_row(table: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The row of a device timestep by a gather. (`table[t]` with a 0-d tensor t would call
+    .item(), a host sync on an accelerator.)"""
+    return table.index_select(0, device_row_index(timestep, table.shape[0] - 1))[0]

@@ -83,7 +83,7 @@ class BaseSampler(ConfigMixin):
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
             if timestep.device.type != "cpu" or torch.compiler.is_compiling():
-                return table[T.device_row_index(timestep.to(device), self.config.num_train_timesteps)]
+                return T.gather_row(table, timestep.to(device))
         elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             raise TypeError(f"timestep must be an int or a 1-element tensor, got {type(timestep).__name__}")
         t = int(timestep)
