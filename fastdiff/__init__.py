@@ -3,16 +3,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backends as _backends
+from . import backends  # callable: fastdiff.backends() prints which backend runs where, and why
 from . import noise, ops, reference, schedules, tables
 from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
-
-
-def backends() -> str:
-    """Print (and return) which backend runs each device type, and why the others cannot."""
-    text = _backends.report()
-    print(text)
-    return text
 
 
 __all__ = ["DDPMSampler", "DDIMSampler", "SamplerOutput", "backends", "noise", "ops", "reference", "schedules",

@@ -122,3 +122,15 @@ def report() -> str:
              f"{' > '.join(DEFAULT_ORDER['cuda'])}, cpu: {' > '.join(DEFAULT_ORDER['cpu'])})"]
     lines += [f"  {dev:5s} {name:10s} {state}" for name, dev, state in status()]
     return "\n".join(lines)
+
+
+class _CallableModule(ModuleType):
+    """Lets `fastdiff.backends()` print the table while `fastdiff.backends.select` stays the module's."""
+
+    def __call__(self) -> str:
+        text = report()
+        print(text)
+        return text
+
+
+sys.modules[__name__].__class__ = _CallableModule
