@@ -1,0 +1,269 @@
+"""Pieces shared by the fastdiff Triton kernels: Philox normals, x0/eps prediction, clipping, CFG
+loads (as `@triton.jit` helpers), and the launchers' input checks, output buffers and grids.
+
+Every step kernel runs on a 2-D grid (block within a sample, sample): the element index within a
+sample (the Philox counter c0) and the sample index (c1) are known without a division, and the
+flat offset b * per_sample + i is formed in int64 so batches past 2^31 elements index correctly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
+
+from fastdiff import noise as N
+from fastdiff import tables as T
+
+BLOCK = 1024  # elements per program: memory-bound, 8 per thread at 4 warps
+NUM_WARPS = 4
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: larger batches launch in chunks of samples
+MAX_PER_SAMPLE = 2**31 - 1  # the element index within a sample is int32 (and Philox's c0 is 32-bit)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Table columns and stream ids as constexprs (Triton reads only constexpr globals); values from
+# fastdiff.tables / fastdiff.noise, never repeated here.
+COL_TIMESTEP = tl.constexpr(T.TIMESTEP)
+COL_SQRT_ABAR = tl.constexpr(T.SQRT_ABAR)
+COL_SQRT_1M_ABAR = tl.constexpr(T.SQRT_1M_ABAR)
+STREAM_STEP = tl.constexpr(N.STREAM_STEP)
+STREAM_Q_SAMPLE = tl.constexpr(N.STREAM_Q_SAMPLE)
+PRED_EPSILON = tl.constexpr(T.prediction_code("epsilon"))
+PRED_SAMPLE = tl.constexpr(T.prediction_code("sample"))
+NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)  # torch.clamp propagates NaN; fmax/fmin would drop it
+# The interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): emulate RTNE there.
+EMULATE_BF16_RTNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def sample_offsets(pid_block, b, per_sample, BLOCK: tl.constexpr):
+    """(element index within sample b [int32], flat int64 offset b * per_sample + i, mask)."""
+    elem = pid_block * BLOCK + tl.arange(0, BLOCK)
+    return elem, b.to(tl.int64) * per_sample + elem, elem < per_sample
+
+
+@triton.jit
+def to_storage(x, ptr):
+    """fp32 `x` cast to the element type of `ptr`, rounded to nearest even (as torch's .to())."""
+    if EMULATE_BF16_RTNE and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # RTNE into the top 16 bits
+        x = bits.to(tl.float32, bitcast=True)  # now exact in bf16: the truncating cast is exact
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def philox_pair(seed, elem, sample, counter, STREAM: tl.constexpr):
+    """Philox4x32-10 words (i0, i1) of counter (elem, sample, counter, stream), key = seed (noise.py)."""
+    c0 = elem.to(tl.uint32)
+    zero = c0 * 0  # broadcast the per-program scalars to the block
+    c1 = zero + sample.to(tl.int64).to(tl.uint32)  # global sample index mod 2^32, as the oracle
+    c2 = zero + tl.cast(counter, tl.uint32)  # counter may be a literal (q_sample: 0)
+    c3 = zero + STREAM
+    i0, i1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return i0, i1
+
+
+@triton.jit
+def philox_normal(seed, elem, sample, counter, STREAM: tl.constexpr):
+    """A standard normal of the fastdiff stream: tl.randn's uint->uniform and Box-Muller (cos)."""
+    i0, i1 = philox_pair(seed, elem, sample, counter, STREAM)
+    n, _ = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
+    return n
+
+
+@triton.jit
+def step_counter(coefs_ptr):
+    """Philox step counter of a step: int(row[TIMESTEP]) (exact below 2^24)."""
+    return tl.load(coefs_ptr + COL_TIMESTEP).to(tl.int32)
+
+
+@triton.jit
+def load_prediction(mo_ptr, mo_off, cond_base, mask, guidance_scale, CFG: tl.constexpr):
+    """The model's prediction in fp32; with CFG, u + w (c - u) (Ho & Salimans 2022, eq. 6)."""
+    pred = tl.load(mo_ptr + cond_base + mo_off, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        uncond = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
+        pred = uncond + guidance_scale * (pred - uncond)
+    return pred
+
+
+@triton.jit
+def predict_x0(m, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
+    """x0 from the model output (DDPM eq. 15; v: x0 = sqrt(abar) x - sqrt(1 - abar) v)."""
+    if PRED == PRED_EPSILON:
+        x0 = (x - sqrt_1m_abar * m) / sqrt_abar
+    elif PRED == PRED_SAMPLE:
+        x0 = m
+    else:
+        x0 = sqrt_abar * x - sqrt_1m_abar * m
+    return x0
+
+
+@triton.jit
+def predict_eps(m, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
+    """eps from the model output (DDIM eq. 12; v: eps = sqrt(abar) v + sqrt(1 - abar) x)."""
+    if PRED == PRED_EPSILON:
+        eps = m
+    elif PRED == PRED_SAMPLE:
+        eps = (x - sqrt_abar * m) / sqrt_1m_abar
+    else:
+        eps = sqrt_abar * m + sqrt_1m_abar * x
+    return eps
+
+
+@triton.jit
+def clip_x0(x0, clip_range, thr_ptr, b, HAS_CLIP: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
+    """Dynamic thresholding (Imagen sec. 2.3: clamp to [-s, s], / s) wins over clipping."""
+    if HAS_THRESHOLD:
+        s = tl.load(thr_ptr + b).to(tl.float32)  # per-sample s, once per program
+        x0 = tl.minimum(tl.maximum(x0, -s, propagate_nan=NAN_ALL), s, propagate_nan=NAN_ALL) / s
+    elif HAS_CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range, propagate_nan=NAN_ALL), clip_range, propagate_nan=NAN_ALL)
+    return x0
+
+
+# ----------------------------------------------------------------------------- launcher helpers
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensor(name: str, t, device: Optional[torch.device] = None, dtypes=SUPPORTED_DTYPES) -> None:
+    """TypeError / ValueError naming the argument, what it is and what is allowed."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        extra = " (float64 runs on the reference or cpp backend)" if t.dtype == torch.float64 else ""
+        raise TypeError(f"{name} has dtype {t.dtype}; the triton backend supports {', '.join(map(str, dtypes))}"
+                        + extra)
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the sample's device)")
+    if device is None and t.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {t.device}: the triton backend needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple, why: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)}{why}")
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_coefs(coefs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The row as a contiguous fp32 [WIDTH] tensor on the sample's device (a no-op when it is one)."""
+    check_tensor("coefs", coefs, device, dtypes=None)
+    check_shape("coefs", coefs, (T.WIDTH,), " (one row of a fastdiff.tables table)")
+    if not coefs.is_floating_point():
+        raise TypeError(f"coefs has dtype {coefs.dtype}, expected a floating dtype (float32)")
+    return coefs.to(torch.float32).contiguous()
+
+
+def check_threshold(threshold: Optional[torch.Tensor], batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    if threshold is None:
+        return None
+    check_tensor("threshold", threshold, device, dtypes=None)
+    check_shape("threshold", threshold, (batch,), " (the per-sample s of dynamic thresholding)")
+    if not threshold.is_floating_point():
+        raise TypeError(f"threshold has dtype {threshold.dtype}, expected a floating dtype (float32)")
+    return threshold.to(torch.float32).contiguous()
+
+
+def per_sample_size(sample: torch.Tensor) -> int:
+    if sample.dim() < 1:
+        raise ValueError(f"sample must have a batch dimension, got shape {tuple(sample.shape)}")
+    per_sample = sample[0].numel() if sample.shape[0] else 0
+    if per_sample > MAX_PER_SAMPLE:
+        raise ValueError(f"sample has {per_sample} elements per sample; the triton kernels index a sample "
+                         f"with int32 (at most {MAX_PER_SAMPLE})")
+    return per_sample
+
+
+def kernel_seed(seed: int, noise: Optional[torch.Tensor]) -> int:
+    """The Philox key; checked only when the kernel draws the noise (an explicit noise ignores it)."""
+    return N.check_seed(seed) if noise is None else 0
+
+
+def output(like: torch.Tensor, out: Optional[torch.Tensor], name: str = "out") -> torch.Tensor:
+    """`out` (checked) or a fresh torch.empty_like(like): the op's fake layout, never an input alias."""
+    if out is None:
+        return torch.empty_like(like)
+    check_tensor(name, out, like.device, dtypes=None)
+    check_shape(name, out, like.shape)
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {like.dtype} (the input's dtype)")
+    return out
+
+
+def writable(result: torch.Tensor) -> torch.Tensor:
+    """The contiguous buffer the kernel writes: `result` itself, or scratch that `finish` copies back."""
+    return result if result.is_contiguous() else torch.empty(result.shape, dtype=result.dtype, device=result.device)
+
+
+def finish(result: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    if buffer is not result:
+        result.copy_(buffer)  # channels_last / strided outputs keep empty_like's layout
+    return result
+
+
+def step_grid(batch: int, per_sample: int, block: int = BLOCK) -> list[tuple[int, tuple[int, int]]]:
+    """[(first sample b0, grid)]: grid = (blocks per sample, samples), chunked by CUDA's y limit."""
+    blocks = triton.cdiv(per_sample, block)
+    return [(b0, (blocks, min(MAX_GRID_Y, batch - b0))) for b0 in range(0, batch, MAX_GRID_Y)]
+
+
+def launch_per_sample(kernel, batch: int, per_sample: int, device: torch.device, *args, **kwargs) -> None:
+    """Launch `kernel` over every (block, sample) pair; b0 is passed as a keyword."""
+    if batch == 0 or per_sample == 0:
+        return
+    with device_guard(device):
+        for b0, grid in step_grid(batch, per_sample):
+            kernel[grid](*args, b0=b0, BLOCK=BLOCK, num_warps=NUM_WARPS, **kwargs)
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current device's current stream: make it the tensors' device."""
+    import contextlib
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- test hooks
+@triton.jit
+def _philox_debug_kernel(i0_ptr, i1_ptr, n_ptr, per_sample, counter, sample_offset, seed, b0,
+                         STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    b = b0 + tl.program_id(1)
+    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    sample = sample_offset.to(tl.int64) + b
+    i0, i1 = philox_pair(seed, elem, sample, counter, STREAM)
+    tl.store(i0_ptr + off, i0.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(i1_ptr + off, i1.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(n_ptr + off, philox_normal(seed, elem, sample, counter, STREAM), mask=mask)
+
+
+def philox_debug(batch: int, per_sample: int, seed: int, counter: int, stream: int, sample_offset: int = 0,
+                 device="cpu"):
+    """(i0, i1 as int32 bit patterns, normals) [batch, per_sample] as the kernels draw them (tests)."""
+    i0 = torch.empty((batch, per_sample), dtype=torch.int32, device=device)
+    i1, n = torch.empty_like(i0), torch.empty((batch, per_sample), dtype=torch.float32, device=device)
+    launch_per_sample(_philox_debug_kernel, batch, per_sample, torch.device(device), i0, i1, n, per_sample,
+                      counter, sample_offset, N.check_seed(seed), STREAM=stream)
+    return i0, i1, n
+
+
+@triton.jit
+def _offsets_debug_kernel(out_ptr, per_sample, b0, BLOCK: tl.constexpr):
+    """Writes the flat offset of the first and last element of each program's block (tests)."""
+    b = b0 + tl.program_id(1)
+    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    slot = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 2
+    first = tl.min(tl.where(mask, off, 2**62), axis=0)
+    last = tl.max(tl.where(mask, off, -1), axis=0)
+    tl.store(out_ptr + slot, first)
+    tl.store(out_ptr + slot + 1, last)
