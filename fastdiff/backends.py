@@ -43,7 +43,9 @@ def _import_kernels() -> ModuleType:
         return module
 
 
-def _triton_reason(device_type: str) -> str | None:
+def _triton_reason(device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    if dtype == torch.float64:
+        return "the Triton kernels store fp32/fp16/bf16 only (float64 runs on cpp or reference)"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device_type == "cuda":
@@ -65,12 +67,12 @@ def _cpp_reason(device_type: str) -> str | None:
     return cpp.unavailable_reason(device_type)
 
 
-def unavailable_reason(name: str, device_type: str) -> str | None:
-    """None when backend `name` can run tensors of `device_type`, else why not."""
+def unavailable_reason(name: str, device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    """None when backend `name` can run tensors of `device_type` (and `dtype`), else why not."""
     if name == "reference":
         return None
     if name == "triton":
-        return _triton_reason(device_type)
+        return _triton_reason(device_type, dtype)
     if name == "cpp":
         return _cpp_reason(device_type)
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
@@ -100,7 +102,7 @@ def select(op: str, tensor: torch.Tensor) -> ModuleType:
     device_type, forced = tensor.device.type, _forced()
     reasons = []
     for name in _candidates(device_type, forced):
-        reason = unavailable_reason(name, device_type)
+        reason = unavailable_reason(name, device_type, tensor.dtype)
         if reason is None:
             module = load(name)
             if hasattr(module, op):

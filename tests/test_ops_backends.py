@@ -65,3 +65,10 @@ def test_default_cpu_order_and_report(monkeypatch, capsys):
     assert chosen == expected
     text = fastdiff.backends()
     assert "cpu   reference  available" in capsys.readouterr().out and "cuda" in text
+
+
+def test_float64_skips_triton(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton: the Triton kernels store fp32/fp16/bf16 only"):
+        backends.select("ddpm_step", torch.zeros(1, dtype=torch.float64))
+    assert backends.unavailable_reason("triton", "cuda", torch.float64) is not None

@@ -110,7 +110,9 @@ def test_seeded_noise_is_the_public_stream():
     x, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
     seeded = sampler.step(eps, 500, x, seed=42, sample_offset=5).prev_sample
     noise = fastdiff.noise.randn(x.shape, 42, counter=500, sample_offset=5)
-    assert torch.equal(seeded, sampler.step(eps, 500, x, variance_noise=noise).prev_sample)
+    # Same integer stream on every backend; normals agree to 1e-6 (libm differs), DESIGN "Noise".
+    torch.testing.assert_close(seeded, sampler.step(eps, 500, x, variance_noise=noise).prev_sample,
+                               atol=2e-6, rtol=0)
     alone = sampler.step(eps[1:2], 500, x[1:2], seed=42, sample_offset=6).prev_sample
     assert torch.equal(alone[0], seeded[1])
 
