@@ -1,0 +1,1 @@
+"""fastdiff benchmarks: pytest-benchmark suites, profiling scripts and results (see BENCHMARKS.md)."""
