@@ -1,0 +1,91 @@
+// Shared by the CPU ops: storage loads/stores, the parallel split over (sample, element range)
+// and the vectorised fill of a chunk of Philox normals.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../step_args.h"
+#include "../step_math.h"
+
+namespace fastdiff {
+namespace cpu {
+
+// Elements per inner chunk: the Philox normals of a chunk live in a stack buffer (L1-resident).
+constexpr int64_t kChunk = 512;
+// Elements per parallel task: big enough to amortise a task, small enough to balance 2-64 cores.
+constexpr int64_t kGrain = 32768;
+
+// Math type of a storage type: double for double, float otherwise (reference.compute_dtype).
+template <typename S>
+using math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename S>
+inline math_t<S> load(S v) {
+  return static_cast<math_t<S>>(v);
+}
+template <typename S, typename C>
+inline S store(C v) {
+  return static_cast<S>(v);
+}
+
+// Normals of elements [first, first + n) of one sample, into out (n <= kChunk). Built for AVX2 and
+// AVX-512 as well as the baseline (function multiversioning, picked once at load time).
+void fill_normals(float* out, int64_t n, uint64_t seed, uint32_t first, uint32_t sample, uint32_t counter,
+                  uint32_t stream);
+
+// Runs body(b, begin, end) over every (sample b, element range [begin, end) of that sample) of a
+// batch of `batch` samples of `numel` elements, in parallel; ranges never cross a sample.
+template <typename F>
+void for_each_range(int64_t batch, int64_t numel, const F& body) {
+  if (batch == 0 || numel == 0) return;
+  at::parallel_for(0, batch * numel, kGrain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      int64_t b = begin / numel, i = begin - b * numel;
+      int64_t stop = std::min(end - b * numel, numel);
+      body(b, i, stop);
+      begin = b * numel + stop;
+    }
+  });
+}
+
+// Where a step's noise comes from: none (std 0 or DDIM eta 0), a given tensor, in-kernel Philox.
+enum NoiseSource { kNoNoise = 0, kGivenNoise = 1, kPhiloxNoise = 2 };
+
+inline NoiseSource noise_source(const FdStepArgs& a, bool zero_std) {
+  if (!a.add_noise || zero_std) return kNoNoise;
+  return a.noise != nullptr ? kGivenNoise : kPhiloxNoise;
+}
+
+// Runs chunk(begin, len, normals) over [i0, i1) of sample b in chunks of at most kChunk elements;
+// normals holds the chunk's Philox normals when N == kPhiloxNoise (else it is not filled).
+template <NoiseSource N, typename F>
+void for_each_chunk(const FdStepArgs& a, uint32_t counter, uint32_t stream, int64_t b, int64_t i0, int64_t i1,
+                    const F& chunk) {
+  alignas(64) float normals[kChunk];
+  const uint32_t sample = uint32_t(uint64_t(a.sample_offset + b));
+  for (int64_t i = i0; i < i1; i += kChunk) {
+    const int64_t len = std::min(kChunk, i1 - i);
+    if constexpr (N == kPhiloxNoise) fill_normals(normals, len, a.seed, uint32_t(i), sample, counter, stream);
+    chunk(i, len, normals);
+  }
+}
+
+// Dispatch of the storage type (FdDtype) to a template parameter.
+template <typename F>
+void dispatch_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case FD_F32: f(float{}); break;
+    case FD_F64: f(double{}); break;
+    case FD_F16: f(c10::Half{}); break;
+    case FD_BF16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "fastdiff_C: unsupported storage dtype code ", dtype);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastdiff

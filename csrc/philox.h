@@ -1,0 +1,108 @@
+// The fastdiff normal stream (fastdiff/noise.py), shared by the CPU loops and the CUDA kernels:
+// Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), Triton's
+// uint -> uniform conversion and its Box-Muller cosine branch (triton/language/random.py).
+//
+//   key     = (seed & 0xFFFFFFFF, seed >> 32)
+//   counter = (element index within the sample, global sample index, step counter, stream)
+//   n       = sqrt(-2 log(max(u(i0), 1e-7))) cos(2 pi u(i1))
+//
+// The integer stream is bit-exact. log and cos are written out here (branch-free, no libm call)
+// so that the CPU loop vectorises and CPU and GPU evaluate the same polynomials; they are the
+// classic fdlibm/musl float kernels (< 1 ulp), so normals agree with libm's to ~1e-7.
+// Included by step_math.h (FD_HOST_DEVICE defined there).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#define FD_PHILOX_KEY_A 0x9E3779B9u
+#define FD_PHILOX_KEY_B 0xBB67AE85u
+#define FD_PHILOX_ROUND_A 0xD2511F53u
+#define FD_PHILOX_ROUND_B 0xCD9E8D57u
+
+// One Philox4x32 round function applied 10 times (Salmon et al. 2011, sec. 5; Triton's tl.philox).
+FD_HOST_DEVICE inline void fd_philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                                            uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint64_t pb = uint64_t(FD_PHILOX_ROUND_B) * c2;  // mulhilo: the 32x32 -> 64-bit product
+    uint64_t pa = uint64_t(FD_PHILOX_ROUND_A) * c0;
+    uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+    uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(pb);
+    c3 = uint32_t(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += FD_PHILOX_KEY_A;
+    k1 += FD_PHILOX_KEY_B;
+  }
+}
+
+// Triton's uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale into [0, 1).
+FD_HOST_DEVICE inline float fd_uint_to_uniform(uint32_t bits) {
+  int32_t x = int32_t(bits);
+  x = x < 0 ? ~x : x;
+  return float(x) * 4.6566127342e-10f;
+}
+
+FD_HOST_DEVICE inline uint32_t fd_float_bits(float f) {
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  return v.u;
+}
+FD_HOST_DEVICE inline float fd_bits_float(uint32_t u) {
+  union { float f; uint32_t u; } v;
+  v.u = u;
+  return v.f;
+}
+
+// log(x) for finite x > 0 (FreeBSD/musl logf: x = 2^k m, m in [sqrt(2)/2, sqrt(2)), log(1 + f)
+// from s = f / (2 + f) and a degree-8 polynomial in s; < 1 ulp).
+FD_HOST_DEVICE inline float fd_logf(float x) {
+  uint32_t ix = fd_float_bits(x) + (0x3f800000u - 0x3f3504f3u);
+  int k = int(ix >> 23) - 0x7f;
+  float f = fd_bits_float((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  float s = f / (2.0f + f), z = s * s, w = z * z;
+  float t1 = w * (0.40000972152f + w * 0.24279078841f);
+  float t2 = z * (0.66666662693f + w * 0.28498786688f);
+  float hfsq = 0.5f * f * f, dk = float(k);
+  return s * (hfsq + (t1 + t2)) + dk * 9.0580006145e-06f - hfsq + f + dk * 6.9313812256e-01f;
+}
+
+// cos(theta) for theta in [0, 2 pi]: j = nearest multiple of pi/2, r = theta - j pi/2 in double,
+// then musl's __cosdf / __sindf polynomials on |r| <= pi/4, chosen by j mod 4.
+FD_HOST_DEVICE inline float fd_cosf(float theta) {
+  int j = int(float(theta) * 0.63661977236758134f + 0.5f);
+  double r = double(theta) - double(j) * 1.57079632679489655800, z = r * r, w = z * z;
+  double c = ((1.0 + z * -0.499999997251031003120) + w * 0.0416666233237390631894) +
+             (w * z) * (-0.00138867637746099294692 + z * 0.0000243904487962774090654);
+  double sz = z * r;
+  double s = (r + sz * (-0.166666666416265235595 + z * 0.0083333293858894631756)) +
+             sz * w * (-0.000198393348360966317347 + z * 0.0000027183114939898219064);
+  double v = (j & 1) ? s : c;
+  return float(((j + 1) & 2) ? -v : v);
+}
+
+// Triton's pair_uniform_to_normal, cosine branch, in float32.
+FD_HOST_DEVICE inline float fd_box_muller(float u1, float u2) {
+  u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
+  float theta = 6.283185307179586f * u2;
+  return sqrtf(-2.0f * fd_logf(u1)) * fd_cosf(theta);
+}
+
+// The normal of one element of the stream (see the header comment for the counter layout).
+FD_HOST_DEVICE inline float fd_randn(uint64_t seed, uint32_t element, uint32_t sample, uint32_t counter,
+                                     uint32_t stream) {
+  uint32_t c0 = element, c1 = sample, c2 = counter, c3 = stream;
+  fd_philox4x32_10(c0, c1, c2, c3, uint32_t(seed), uint32_t(seed >> 32));
+  return fd_box_muller(fd_uint_to_uniform(c0), fd_uint_to_uniform(c1));
+}
+
+// The step counter of a row: int(coefs[TIMESTEP]); a NaN row (bad timestep) gives counter 0.
+FD_HOST_DEVICE inline uint32_t fd_step_counter(float timestep) {
+  return (timestep == timestep && timestep >= 0.0f && timestep < 4294967296.0f) ? uint32_t(int64_t(timestep)) : 0u;
+}
