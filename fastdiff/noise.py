@@ -1,15 +1,16 @@
 """The counter-based Philox normal stream shared by every backend.
 
-Each normal is a pure function of (seed, counter, stream, global sample index, element index):
+Each normal is a pure function of (seed, counter, stream, global sample index, element index).
+Element e of a sample takes normal e % 4 of the Philox block at quad q = e // 4:
 
-    key     = (seed & 0xFFFFFFFF, seed >> 32)                       # 64-bit seed
-    counter = (element index within the sample, global sample index, step counter, stream)
-    i0, i1  = Philox4x32-10(counter, key)[:2]
-    n       = Box-Muller(uniform(i0), uniform(i1)).cos-branch
+    key              = (seed & 0xFFFFFFFF, seed >> 32)             # 64-bit seed
+    i0, i1, i2, i3   = Philox4x32-10((q, global sample index, step counter, stream), key)
+    n0, n1           = Box-Muller(uniform(i0), uniform(i1))       # (r cos th, r sin th)
+    n2, n3           = Box-Muller(uniform(i2), uniform(i3))
 
-The round function, the uint->uniform conversion and the Box-Muller transform are exactly
-Triton's `tl.philox` / `tl.randn` (triton/language/random.py), so Triton kernels produce this
-stream with `tl.philox(seed, c0, c1, c2, c3)`; csrc/ implements the same integer stream.
+This is Triton's `tl.randn4x` (triton/language/random.py: the same round function, uint->uniform
+conversion and Box-Muller) with our counter words, so one Philox evaluation and two logs serve
+four elements; csrc/ implements the same integer stream bit for bit.
 Because the counter holds the *global* sample index, sample i gets the same noise in a batch of
 1, a batch of 64, or a slice of a batch on another process (`sample_offset`).
 
@@ -65,11 +66,12 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(UINT_TO_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    """Triton's pair_uniform_to_normal, cosine branch, in float32."""
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's pair_uniform_to_normal in float32: (r cos th, r sin th)."""
     u1 = torch.clamp(u1, min=1.0e-7)
     theta = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(theta), r * torch.sin(theta)
 
 
 def check_seed(seed: int) -> int:
@@ -101,12 +103,13 @@ def randn(
     batch, per_sample = shape[0], 1
     for s in shape[1:]:
         per_sample *= s
-    element = torch.arange(per_sample, device=device, dtype=torch.int64).expand(batch, per_sample)
-    sample = (torch.arange(batch, device=device, dtype=torch.int64) + sample_offset)[:, None].expand(batch, per_sample)
+    quads = (per_sample + 3) // 4
+    quad = torch.arange(quads, device=device, dtype=torch.int64).expand(batch, quads)
+    sample = (torch.arange(batch, device=device, dtype=torch.int64) + sample_offset)[:, None].expand(batch, quads)
     zeros = torch.zeros((), device=device, dtype=torch.int64)
-    i0, i1, _, _ = philox4x32((element, sample, zeros + counter, zeros + stream), seed)
-    normal = box_muller(uint32_to_uniform(i0), uint32_to_uniform(i1))
-    return normal.reshape(shape).to(dtype)
+    words = [uint32_to_uniform(w) for w in philox4x32((quad, sample, zeros + counter, zeros + stream), seed)]
+    normals = torch.stack([*box_muller(words[0], words[1]), *box_muller(words[2], words[3])], dim=-1)
+    return normals.reshape(batch, 4 * quads)[:, :per_sample].reshape(shape).to(dtype)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:

@@ -53,3 +53,17 @@ def test_statistics():
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed must be an int"):
         noise.randn((1, 2), -1)
+
+
+def test_element_noise_does_not_depend_on_sample_size():
+    """Element e always takes normal e % 4 of Philox quad e // 4, whatever the sample's length."""
+    long = noise.randn((2, 12), 5, counter=1)
+    for n in (1, 5, 7, 10):
+        assert torch.equal(noise.randn((2, n), 5, counter=1), long[:, :n])
+
+
+def test_quad_layout_is_triton_randn4x():
+    """Normals 0..3 of a quad are (r01 cos, r01 sin, r23 cos, r23 sin) of its four Philox words."""
+    words = [noise.uint32_to_uniform(w) for w in noise.philox4x32([torch.tensor([2])] + [torch.tensor([0])] * 3, 9)]
+    want = torch.cat([*noise.box_muller(words[0], words[1]), *noise.box_muller(words[2], words[3])])
+    assert torch.equal(noise.randn((1, 12), 9, counter=0)[0, 8:12], want)
