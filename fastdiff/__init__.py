@@ -5,8 +5,10 @@ __version__ = "0.1.0"
 
 from . import backends  # callable: fastdiff.backends() prints which backend runs where, and why
 from . import noise, ops, reference, schedules, tables
+from .loop import sample
 from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
+from .training import diffusion_loss
 
 
-__all__ = ["DDPMSampler", "DDIMSampler", "SamplerOutput", "backends", "noise", "ops", "reference", "schedules",
-           "tables", "__version__"]
+__all__ = ["DDPMSampler", "DDIMSampler", "SamplerOutput", "backends", "diffusion_loss", "noise", "ops", "reference",
+           "sample", "schedules", "tables", "__version__"]

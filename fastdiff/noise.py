@@ -25,6 +25,7 @@ import torch
 
 STREAM_STEP = 0  # noise injected by a reverse step (DDPM / DDIM eta > 0); counter = timestep
 STREAM_Q_SAMPLE = 1  # training noise of q_sample
+STREAM_INITIAL_NOISE = 2  # x_T drawn by fastdiff.sample(seed=...)
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
