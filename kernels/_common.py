@@ -2,8 +2,12 @@
 loads (as `@triton.jit` helpers), and the launchers' input checks, output buffers and grids.
 
 Every step kernel runs on a 2-D grid (block within a sample, sample): the element index within a
-sample (the Philox counter c0) and the sample index (c1) are known without a division, and the
-flat offset b * per_sample + i is formed in int64 so batches past 2^31 elements index correctly.
+sample and the sample index (Philox's c1) are known without a division, and the flat offset
+b * per_sample + i is formed in int64 so batches past 2^31 elements index correctly.
+
+A program's BLOCK elements are a [BLOCK // 4, 4] tile: row r holds elements 4 (q0 + r) .. + 3, the
+four normals of one Philox evaluation at quad q = q0 + r (fastdiff/noise.py). Philox and Box-Muller
+run once per row on [BLOCK // 4] vectors; everything else is elementwise on the tile.
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 from fastdiff import noise as N
 from fastdiff import tables as T
 
-BLOCK = 1024  # elements per program: memory-bound, 8 per thread at 4 warps
+BLOCK = 1024  # elements per program (a multiple of 4): memory-bound, 8 per thread (2 quads) at 4 warps
 NUM_WARPS = 4
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: larger batches launch in chunks of samples
-MAX_PER_SAMPLE = 2**31 - 1  # the element index within a sample is int32 (and Philox's c0 is 32-bit)
+MAX_PER_SAMPLE = 2**31 - 1  # the element index within a sample (4 q + word) is int32
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Table columns and stream ids as constexprs (Triton reads only constexpr globals); values from
@@ -41,9 +45,13 @@ EMULATE_BF16_RTNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # ----------------------------------------------------------------------------- jit helpers
 @triton.jit
 def sample_offsets(pid_block, b, per_sample, BLOCK: tl.constexpr):
-    """(element index within sample b [int32], flat int64 offset b * per_sample + i, mask)."""
-    elem = pid_block * BLOCK + tl.arange(0, BLOCK)
-    return elem, b.to(tl.int64) * per_sample + elem, elem < per_sample
+    """The program's [BLOCK // 4, 4] tile of sample b: (quad index q [BLOCK // 4] int32, element index
+    within the sample [int32 tile], flat int64 offset b * per_sample + element, mask)."""
+    tl.static_assert(BLOCK % 4 == 0, "a program must start on a quad boundary")
+    q = pid_block * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    elem = 4 * q[:, None] + tl.arange(0, 4)[None, :]
+    # a quad may straddle the end of the sample (per_sample % 4 != 0): its tail is masked, not drawn apart
+    return q, elem, b.to(tl.int64) * per_sample + elem, elem < per_sample
 
 
 @triton.jit
@@ -57,23 +65,35 @@ def to_storage(x, ptr):
 
 
 @triton.jit
-def philox_pair(seed, elem, sample, counter, STREAM: tl.constexpr):
-    """Philox4x32-10 words (i0, i1) of counter (elem, sample, counter, stream), key = seed (noise.py)."""
-    c0 = elem.to(tl.uint32)
-    zero = c0 * 0  # broadcast the per-program scalars to the block
+def philox_quad(seed, q, sample, counter, STREAM: tl.constexpr):
+    """Philox4x32-10 words (i0, i1, i2, i3) of counter (q, sample, counter, stream), key = seed (noise.py)."""
+    c0 = q.to(tl.uint32)
+    zero = c0 * 0  # broadcast the per-program scalars to the quads
     c1 = zero + sample.to(tl.int64).to(tl.uint32)  # global sample index mod 2^32, as the oracle
     c2 = zero + tl.cast(counter, tl.uint32)  # counter may be a literal (q_sample: 0)
     c3 = zero + STREAM
-    i0, i1, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return i0, i1
+    return tl.philox(seed, c0, c1, c2, c3)
 
 
 @triton.jit
-def philox_normal(seed, elem, sample, counter, STREAM: tl.constexpr):
-    """A standard normal of the fastdiff stream: tl.randn's uint->uniform and Box-Muller (cos)."""
-    i0, i1 = philox_pair(seed, elem, sample, counter, STREAM)
-    n, _ = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
-    return n
+def interleave4(a, b, c, d):
+    """[Q, 4] tile whose row r is (a[r], b[r], c[r], d[r]).
+
+    join + reshape keeps each row in one thread, the layout of vectorized [Q, 4] loads: no layout
+    conversion when Triton proves 16-byte alignment (per_sample % 16 == 0), one shared-memory
+    transpose otherwise. (A tl.where broadcast per column compiled to 4x the conversions, sm_90.)
+    """
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (a.shape[0], 4))  # [Q, 2, 2] -> [Q, 4]
+
+
+@triton.jit
+def philox_normals(seed, q, sample, counter, STREAM: tl.constexpr):
+    """The [Q, 4] tile of standard normals at quads q: tl.randn4x's uniform conversion and Box-Muller
+    (cos and sin of both word pairs), so one Philox and two logs serve four elements."""
+    i0, i1, i2, i3 = philox_quad(seed, q, sample, counter, STREAM)
+    n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
+    n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
+    return interleave4(n0, n1, n2, n3)
 
 
 @triton.jit
@@ -236,34 +256,36 @@ def device_guard(device: torch.device):
 
 # ----------------------------------------------------------------------------- test hooks
 @triton.jit
-def _philox_debug_kernel(i0_ptr, i1_ptr, n_ptr, per_sample, counter, sample_offset, seed, b0,
+def _philox_debug_kernel(word_ptr, partner_ptr, n_ptr, per_sample, counter, sample_offset, seed, b0,
                          STREAM: tl.constexpr, BLOCK: tl.constexpr):
     b = b0 + tl.program_id(1)
-    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    q, _, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
     sample = sample_offset.to(tl.int64) + b
-    i0, i1 = philox_pair(seed, elem, sample, counter, STREAM)
-    tl.store(i0_ptr + off, i0.to(tl.int32, bitcast=True), mask=mask)
-    tl.store(i1_ptr + off, i1.to(tl.int32, bitcast=True), mask=mask)
-    tl.store(n_ptr + off, philox_normal(seed, elem, sample, counter, STREAM), mask=mask)
+    i0, i1, i2, i3 = philox_quad(seed, q, sample, counter, STREAM)
+    # element e's normal comes from the pair (word, partner) = (i0, i1) for e % 4 < 2, else (i2, i3)
+    tl.store(word_ptr + off, interleave4(i0, i0, i2, i2).to(tl.int32, bitcast=True), mask=mask)
+    tl.store(partner_ptr + off, interleave4(i1, i1, i3, i3).to(tl.int32, bitcast=True), mask=mask)
+    tl.store(n_ptr + off, philox_normals(seed, q, sample, counter, STREAM), mask=mask)
 
 
 def philox_debug(batch: int, per_sample: int, seed: int, counter: int, stream: int, sample_offset: int = 0,
                  device="cpu"):
-    """(i0, i1 as int32 bit patterns, normals) [batch, per_sample] as the kernels draw them (tests)."""
-    i0 = torch.empty((batch, per_sample), dtype=torch.int32, device=device)
-    i1, n = torch.empty_like(i0), torch.empty((batch, per_sample), dtype=torch.float32, device=device)
-    launch_per_sample(_philox_debug_kernel, batch, per_sample, torch.device(device), i0, i1, n, per_sample,
+    """(words, partners as int32 bit patterns, normals) [batch, per_sample] as the kernels draw them
+    (tests): element e's Philox word pair and its normal, laid out as tests/philox_oracle.randn."""
+    words = torch.empty((batch, per_sample), dtype=torch.int32, device=device)
+    partners, n = torch.empty_like(words), torch.empty((batch, per_sample), dtype=torch.float32, device=device)
+    launch_per_sample(_philox_debug_kernel, batch, per_sample, torch.device(device), words, partners, n, per_sample,
                       counter, sample_offset, N.check_seed(seed), STREAM=stream)
-    return i0, i1, n
+    return words, partners, n
 
 
 @triton.jit
 def _offsets_debug_kernel(out_ptr, per_sample, b0, BLOCK: tl.constexpr):
     """Writes the flat offset of the first and last element of each program's block (tests)."""
     b = b0 + tl.program_id(1)
-    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    _, _, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
     slot = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 2
-    first = tl.min(tl.where(mask, off, 2**62), axis=0)
-    last = tl.max(tl.where(mask, off, -1), axis=0)
+    first = tl.min(tl.where(mask, off, 2**62), axis=None)  # over the whole tile
+    last = tl.max(tl.where(mask, off, -1), axis=None)
     tl.store(out_ptr + slot, first)
     tl.store(out_ptr + slot + 1, last)

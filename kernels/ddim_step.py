@@ -15,7 +15,7 @@ from fastdiff import tables as T
 
 from . import _common as C
 from ._common import (COL_SQRT_1M_ABAR, COL_SQRT_ABAR, NAN_ALL, STREAM_STEP, clip_x0, load_prediction,
-                      philox_normal, predict_eps, predict_x0, sample_offsets, step_counter, to_storage)
+                      philox_normals, predict_eps, predict_x0, sample_offsets, step_counter, to_storage)
 from .ddpm_step import model_output_layout
 
 COL_SQRT_ABAR_PREV = tl.constexpr(T.DDIM_SQRT_ABAR_PREV)
@@ -30,7 +30,7 @@ def _ddim_step_kernel(mo_ptr, x_ptr, coefs_ptr, noise_ptr, thr_ptr, prev_ptr, x0
                       USE_CLIPPED: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
                       CFG: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
     b = b0 + tl.program_id(1)
-    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    q, _, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
     sqrt_abar = tl.load(coefs_ptr + COL_SQRT_ABAR)
     sqrt_1m_abar = tl.load(coefs_ptr + COL_SQRT_1M_ABAR)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -50,7 +50,7 @@ def _ddim_step_kernel(mo_ptr, x_ptr, coefs_ptr, noise_ptr, thr_ptr, prev_ptr, x0
         if HAS_NOISE:
             n = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
         else:
-            n = philox_normal(seed, elem, sample_offset.to(tl.int64) + b, step_counter(coefs_ptr), STREAM_STEP)
+            n = philox_normals(seed, q, sample_offset.to(tl.int64) + b, step_counter(coefs_ptr), STREAM_STEP)
         prev += std * n
     tl.store(prev_ptr + off, to_storage(prev, prev_ptr), mask=mask)
     if WRITE_X0:

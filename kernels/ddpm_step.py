@@ -16,7 +16,7 @@ from fastdiff import tables as T
 
 from . import _common as C
 from ._common import (COL_SQRT_1M_ABAR, COL_SQRT_ABAR, NAN_ALL, STREAM_STEP, clip_x0, load_prediction,
-                      philox_normal, predict_x0, sample_offsets, step_counter, to_storage)
+                      philox_normals, predict_x0, sample_offsets, step_counter, to_storage)
 
 COL_C_X0 = tl.constexpr(T.DDPM_C_X0)
 COL_C_XT = tl.constexpr(T.DDPM_C_XT)
@@ -48,7 +48,7 @@ def _ddpm_step_kernel(mo_ptr, x_ptr, coefs_ptr, noise_ptr, thr_ptr, prev_ptr, x0
                       PRED: tl.constexpr, VAR_MODE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
                       HAS_THRESHOLD: tl.constexpr, CFG: tl.constexpr, WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
     b = b0 + tl.program_id(1)
-    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    q, elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
     mo_off = b.to(tl.int64) * mo_stride + elem  # prediction channels; variance follows at + per_sample
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     m = load_prediction(mo_ptr, mo_off, cond_base, mask, guidance_scale, CFG)
@@ -58,7 +58,7 @@ def _ddpm_step_kernel(mo_ptr, x_ptr, coefs_ptr, noise_ptr, thr_ptr, prev_ptr, x0
     if HAS_NOISE:
         n = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
     else:
-        n = philox_normal(seed, elem, sample_offset.to(tl.int64) + b, step_counter(coefs_ptr), STREAM_STEP)
+        n = philox_normals(seed, q, sample_offset.to(tl.int64) + b, step_counter(coefs_ptr), STREAM_STEP)
     # with CFG the variance channels come from the conditional half (reference.split_model_output)
     prev += _noise_std(mo_ptr, cond_base + mo_off + per_sample, mask, coefs_ptr, VAR_MODE) * n
     tl.store(prev_ptr + off, to_storage(prev, prev_ptr), mask=mask)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import STREAM_Q_SAMPLE, philox_normal, sample_offsets, to_storage
+from ._common import STREAM_Q_SAMPLE, philox_normals, sample_offsets, to_storage
 
 
 @triton.jit(do_not_specialize=["seed", "sample_offset", "b0"])
@@ -22,7 +22,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, abar_ptr, noise_ptr, xt_ptr, noise_out_ptr, 
                      HAS_NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr, WRITE_V: tl.constexpr,
                      BLOCK: tl.constexpr):
     b = b0 + tl.program_id(1)
-    elem, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
+    q, _, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
     t = tl.load(t_ptr + b).to(tl.int64)
     valid = (t >= 0) & (t < num_timesteps)
     abar = tl.where(valid, tl.load(abar_ptr + tl.where(valid, t, 0)), float("nan"))
@@ -31,7 +31,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, abar_ptr, noise_ptr, xt_ptr, noise_out_ptr, 
     if HAS_NOISE:
         n = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
     else:  # rounded to the storage dtype first: x_t is made of exactly the noise we return
-        n = philox_normal(seed, elem, sample_offset.to(tl.int64) + b, 0, STREAM_Q_SAMPLE)
+        n = philox_normals(seed, q, sample_offset.to(tl.int64) + b, 0, STREAM_Q_SAMPLE)
         n = to_storage(n, xt_ptr).to(tl.float32)
     tl.store(xt_ptr + off, to_storage(a * x0 + s * n, xt_ptr), mask=mask)  # DDPM eq. 4
     if WRITE_NOISE:

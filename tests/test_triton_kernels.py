@@ -210,25 +210,29 @@ def kernel_noise(batch, per_sample, seed, t, sample_offset=0):
 @pytest.mark.parametrize("seed,counter,stream,offset", [
     (0, 0, N.STREAM_STEP, 0), (2**32 - 1, 999, N.STREAM_Q_SAMPLE, 7), (2**63 - 1, 17, N.STREAM_STEP, 2**32 - 3)])
 def test_philox_integers_bit_exact_and_normals(seed, counter, stream, offset):
-    i0, i1, n = KC.philox_debug(3, 700, seed, counter, stream, sample_offset=offset, device=DEV)
-    want_n, (w0, w1) = oracle.randn((3, 700), seed, counter, stream, sample_offset=offset)
-    assert np.array_equal(i0.cpu().numpy().view(np.uint32), w0)
-    assert np.array_equal(i1.cpu().numpy().view(np.uint32), w1)
+    per_sample = 2 * KC.BLOCK + 7  # three programs per sample, the last quad cut after 3 elements
+    words, partners, n = KC.philox_debug(3, per_sample, seed, counter, stream, sample_offset=offset, device=DEV)
+    want_n, (want_words, want_partners) = oracle.randn((3, per_sample), seed, counter, stream, sample_offset=offset)
+    assert np.array_equal(words.cpu().numpy().view(np.uint32), want_words)
+    assert np.array_equal(partners.cpu().numpy().view(np.uint32), want_partners)
     np.testing.assert_allclose(n.cpu().numpy(), want_n, atol=1e-6, rtol=0)
 
 
-def test_step_noise_is_the_stream_at_counter_t():
-    got = kernel_noise(2, 1000, SEED, 321, sample_offset=11)
-    want, _ = oracle.randn((2, 1000), SEED, counter=321, stream=N.STREAM_STEP, sample_offset=11)
-    np.testing.assert_allclose(got.cpu().numpy(), want, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("shape", [(2, 3, 333), (3, 5)])  # 999 and 5 elements per sample: not quads
+def test_step_noise_is_the_stream_at_counter_t(shape):
+    got = kernel_noise(shape[0], int(np.prod(shape[1:])), SEED, 321, sample_offset=11)
+    want, _ = oracle.randn(shape, SEED, counter=321, stream=N.STREAM_STEP, sample_offset=11)
+    np.testing.assert_allclose(got.cpu().numpy(), want.reshape(shape[0], -1), atol=1e-6, rtol=0)
 
 
 def test_sample_noise_is_the_same_in_a_batch_of_1_and_64():
-    batch = kernel_noise(64, 16, SEED, 42)
+    batch = kernel_noise(64, 18, SEED, 42)  # 18 = 4 quads + half of a fifth
     for i in (0, 17, 63):
-        alone = kernel_noise(1, 16, SEED, 42, sample_offset=i)
+        alone = kernel_noise(1, 18, SEED, 42, sample_offset=i)
         assert torch.equal(alone[0], batch[i])
     assert not torch.equal(batch[0], batch[1])
+    # quads restart at every sample: a shorter sample is a prefix of a longer one, tail included
+    assert torch.equal(kernel_noise(2, 20, SEED, 42)[:, :18], batch[:2])
 
 
 def test_noise_mean_and_variance():
