@@ -5,7 +5,7 @@
 Rows, per size (fp32, 1-d samples of N elements in a batch of 1):
   eager      reference.ddpm_step with noise from torch.randn (what a plain PyTorch loop does)
   compile    torch.compile of that same function
-  cpp_philox fastdiff._C ddpm_step drawing its noise in-kernel (Philox)
+  cpp_philox fastdiff._C ddpm_step drawing its noise in-kernel (Philox, one block per 4 elements)
   cpp_noise  fastdiff._C ddpm_step with the noise given as a tensor (reads x, eps, noise; writes prev)
   clone      torch.clone moving the same bytes as cpp_noise (2N read + 2N written = 4N floats)
 Median of --repeat timed calls after warm-up; GB/s counts the bytes each row must move.

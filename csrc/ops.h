@@ -52,7 +52,8 @@ QSamplePlan plan_q_sample(const Tensor& x0, const Tensor& timesteps, const Tenso
 
 CfgPlan plan_cfg_combine(const Tensor& uncond, const Tensor& cond, double guidance_scale);
 
-// Philox op: normals (float32, like's shape) and the raw words i0, i1 (int64 [2, *like.shape]).
+// Philox op: normals (float32, like's shape) and, per element, the raw Philox word its normal comes
+// from and that word's Box-Muller partner (int64 [2, *like.shape]; see FdPhiloxArgs).
 std::tuple<Tensor, Tensor, FdPhiloxArgs> plan_philox_randn(const Tensor& like, int64_t seed, int64_t counter,
                                                            int64_t stream, int64_t sample_offset);
 

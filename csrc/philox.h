@@ -1,12 +1,14 @@
 // The fastdiff normal stream (fastdiff/noise.py), shared by the CPU loops and the CUDA kernels:
 // Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), Triton's
-// uint -> uniform conversion and its Box-Muller cosine branch (triton/language/random.py).
+// uint -> uniform conversion and Box-Muller, in Triton's randn4x layout (triton/language/random.py):
 //
-//   key     = (seed & 0xFFFFFFFF, seed >> 32)
-//   counter = (element index within the sample, global sample index, step counter, stream)
-//   n       = sqrt(-2 log(max(u(i0), 1e-7))) cos(2 pi u(i1))
+//   key              = (seed & 0xFFFFFFFF, seed >> 32)
+//   i0, i1, i2, i3   = Philox4x32-10(counter = (q, global sample index, step counter, stream), key)
+//   n0, n1           = r cos th, r sin th   with r = sqrt(-2 log max(u(i0), 1e-7)), th = 2 pi u(i1)
+//   n2, n3           = the same from (i2, i3)
+//   element e of a sample takes n[e % 4] of quad q = e / 4.
 //
-// The integer stream is bit-exact. log and cos are written out here (branch-free, no libm call)
+// The integer stream is bit-exact. log, sin and cos are written out here (branch-free, no libm call)
 // so that the CPU loop vectorises and CPU and GPU evaluate the same polynomials; they are the
 // classic fdlibm/musl float kernels (< 1 ulp), so normals agree with libm's to ~1e-7.
 // Included by step_math.h (FD_HOST_DEVICE defined there).
@@ -73,9 +75,10 @@ FD_HOST_DEVICE inline float fd_logf(float x) {
   return s * (hfsq + (t1 + t2)) + dk * 9.0580006145e-06f - hfsq + f + dk * 6.9313812256e-01f;
 }
 
-// cos(theta) for theta in [0, 2 pi]: j = nearest multiple of pi/2, r = theta - j pi/2 in double,
-// then musl's __cosdf / __sindf polynomials on |r| <= pi/4, chosen by j mod 4.
-FD_HOST_DEVICE inline float fd_cosf(float theta) {
+// sin and cos of theta in [0, 2 pi] with one range reduction: j = nearest multiple of pi/2,
+// r = theta - j pi/2 in double, then musl's __cosdf / __sindf polynomials on |r| <= pi/4;
+// j mod 4 picks the polynomial and sign (sin(r + j pi/2), cos(r + j pi/2)).
+FD_HOST_DEVICE inline void fd_sincosf(float theta, float& sin_out, float& cos_out) {
   int j = int(float(theta) * 0.63661977236758134f + 0.5f);
   double r = double(theta) - double(j) * 1.57079632679489655800, z = r * r, w = z * z;
   double c = ((1.0 + z * -0.499999997251031003120) + w * 0.0416666233237390631894) +
@@ -83,23 +86,31 @@ FD_HOST_DEVICE inline float fd_cosf(float theta) {
   double sz = z * r;
   double s = (r + sz * (-0.166666666416265235595 + z * 0.0083333293858894631756)) +
              sz * w * (-0.000198393348360966317347 + z * 0.0000027183114939898219064);
-  double v = (j & 1) ? s : c;
-  return float(((j + 1) & 2) ? -v : v);
+  const bool odd = (j & 1) != 0;
+  double vc = odd ? s : c, vs = odd ? c : s;
+  cos_out = float(((j + 1) & 2) ? -vc : vc);  // cos: +cos r, -sin r, -cos r, +sin r
+  sin_out = float((j & 2) ? -vs : vs);        // sin: +sin r, +cos r, -sin r, -cos r
 }
 
-// Triton's pair_uniform_to_normal, cosine branch, in float32.
-FD_HOST_DEVICE inline float fd_box_muller(float u1, float u2) {
+// Triton's pair_uniform_to_normal in float32: (r cos th, r sin th), r = sqrt(-2 log max(u1, 1e-7)),
+// th = 2 pi u2 (Box & Muller 1958).
+FD_HOST_DEVICE inline void fd_box_muller(float u1, float u2, float& n_cos, float& n_sin) {
   u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
   float theta = 6.283185307179586f * u2;
-  return sqrtf(-2.0f * fd_logf(u1)) * fd_cosf(theta);
+  float radius = sqrtf(-2.0f * fd_logf(u1)), s, c;
+  fd_sincosf(theta, s, c);
+  n_cos = radius * c;
+  n_sin = radius * s;
 }
 
-// The normal of one element of the stream (see the header comment for the counter layout).
-FD_HOST_DEVICE inline float fd_randn(uint64_t seed, uint32_t element, uint32_t sample, uint32_t counter,
-                                     uint32_t stream) {
-  uint32_t c0 = element, c1 = sample, c2 = counter, c3 = stream;
+// The four normals of quad q of a sample (Triton's randn4x): one Philox block (q, sample, counter,
+// stream) gives (n0, n1) from (i0, i1) and (n2, n3) from (i2, i3); element 4q + w takes n[w].
+FD_HOST_DEVICE inline void fd_randn4(uint64_t seed, uint32_t quad, uint32_t sample, uint32_t counter, uint32_t stream,
+                                     float n[4]) {
+  uint32_t c0 = quad, c1 = sample, c2 = counter, c3 = stream;
   fd_philox4x32_10(c0, c1, c2, c3, uint32_t(seed), uint32_t(seed >> 32));
-  return fd_box_muller(fd_uint_to_uniform(c0), fd_uint_to_uniform(c1));
+  fd_box_muller(fd_uint_to_uniform(c0), fd_uint_to_uniform(c1), n[0], n[1]);
+  fd_box_muller(fd_uint_to_uniform(c2), fd_uint_to_uniform(c3), n[2], n[3]);
 }
 
 // The step counter of a row: int(coefs[TIMESTEP]); a NaN row (bad timestep) gives counter 0.

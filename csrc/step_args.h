@@ -50,7 +50,8 @@ struct FdCfgArgs {
 
 struct FdPhiloxArgs {
   float* normal;    // [batch, numel]
-  int64_t* bits;    // [2, batch, numel]: i0 then i1 as uint32 values, or nullptr
+  int64_t* bits;    // [2, batch, numel]: per element, its Philox word then the word's Box-Muller partner
+                    // ((i0, i1) for element % 4 < 2, (i2, i3) else), as uint32 values
   int64_t batch, numel;
   uint64_t seed;
   int64_t sample_offset;

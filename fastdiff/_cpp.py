@@ -84,7 +84,8 @@ def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
 
 def philox_randn(like: Tensor, seed: int, counter: int = 0, stream: int = N.STREAM_STEP,
                  sample_offset: int = 0) -> tuple[Tensor, Tensor]:
-    """The raw stream (tests): float32 normals shaped like `like` and int64 words [2, *like.shape]."""
+    """The raw stream (tests): float32 normals shaped like `like` and int64 [2, *like.shape]: per element,
+    the Philox word its normal comes from and that word's Box-Muller partner (tests/philox_oracle.randn)."""
     return torch.ops.fastdiff_C.philox_randn(like, _seed(seed), counter, stream, sample_offset)
 
 

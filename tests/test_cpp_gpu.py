@@ -69,14 +69,51 @@ def test_q_sample_and_cfg_cuda(C):
     _close((C.cfg_combine(u, x0, 7.5),), (E.cfg_combine(u, x0, 7.5),), torch.float32)
 
 
-def test_cuda_philox_matches_oracle_and_noise_randn(C):
-    shape = (3, 4099)
+@pytest.mark.parametrize("per_sample", [4099, 4096, 3])
+def test_cuda_philox_matches_oracle_and_noise_randn(C, per_sample):
+    """Per element its Philox word and partner bit for bit (randn4x layout), normals within 1e-6."""
+    shape = (3, per_sample)
     normal, bits = C.philox_randn(torch.empty(shape, device="cuda"), 2**40 + 3, 17, 0, 5)
-    want, (i0, i1) = O.randn(shape, 2**40 + 3, 17, 0, 5)
-    assert np.array_equal(bits[0].cpu().numpy().astype(np.uint32), i0)
-    assert np.array_equal(bits[1].cpu().numpy().astype(np.uint32), i1)
+    want, (words, partners) = O.randn(shape, 2**40 + 3, 17, 0, 5)
+    assert np.array_equal(bits[0].cpu().numpy().astype(np.uint32), words)
+    assert np.array_equal(bits[1].cpu().numpy().astype(np.uint32), partners)
     np.testing.assert_allclose(normal.cpu().numpy(), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(normal, N.randn(shape, 2**40 + 3, counter=17, sample_offset=5, device="cuda"),
                                atol=1e-6, rtol=0)
     cpu_normal, _ = C.philox_randn(torch.empty(shape), 2**40 + 3, 17, 0, 5)
     torch.testing.assert_close(normal.cpu(), cpu_normal, atol=1e-6, rtol=0)  # same polynomials on both
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape,offset", [((3, 4096), 0), ((3, 4099), 0), ((2, 1025), 0), ((3, 4096), 1)],
+                         ids=["packed", "tail", "odd_tail", "unaligned"])
+def test_cuda_in_kernel_noise_is_the_stream(C, dtype, shape, offset):
+    """Whole quads with vector loads, samples ending in a partial quad, and misaligned tensors (a view
+    one element in) all draw noise.randn: DDPM, DDIM and q_sample, against the same op on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    numel = shape[0] * shape[1]
+    model, sample = (torch.randn(numel + offset, generator=g).to("cuda", dtype)[offset:].view(shape) for _ in range(2))
+    assert sample.is_contiguous() and (sample.data_ptr() % 16 != 0) == (offset != 0)  # offset: misaligned views
+    row = T.ddpm_table(ABAR, STEPS, "fixed_large")[500]
+    expected = N.randn(shape, 7, counter=500, sample_offset=3).double()
+    prev, _ = C.ddpm_step(model, sample, row.cuda(), None, 7, 3, "epsilon", "fixed_large", None, None, None, False)
+    mean, _ = C.ddpm_step(model, sample, row.cuda(), torch.zeros_like(sample), 0, 0, "epsilon", "fixed_large", None,
+                          None, None, False)
+    got = (prev.double() - mean.double()).cpu() / row[T.DDPM_STD].double()
+    tol = 1e-6 if dtype != torch.float16 else 2e-2  # fp16: prev and mean each rounded, / std ~ 0.1
+    torch.testing.assert_close(got, expected, atol=tol * 10, rtol=tol)
+    close = dict(atol=1e-5, rtol=1e-5) if dtype != torch.float16 else dict(atol=1e-3, rtol=2e-3)  # 2 fp16 ulp
+    cpu_prev, _ = C.ddpm_step(model.cpu(), sample.cpu(), row, None, 7, 3, "epsilon", "fixed_large", None, None, None,
+                              False)
+    torch.testing.assert_close(prev.cpu(), cpu_prev, **close)
+    drow = T.ddim_table(ABAR, 20, float(ABAR[0]))[500]
+    out = C.ddim_step(model, sample, drow.cuda(), None, 7, 3, "epsilon", 1.0, False, None, None, None, True)
+    ref = C.ddim_step(model.cpu(), sample.cpu(), drow, None, 7, 3, "epsilon", 1.0, False, None, None, None, True)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o.cpu(), r, **close)
+    t = torch.tensor([10, 900, 500][:shape[0]])
+    x_t, noise, v = C.q_sample(sample, t.cuda(), ABAR.cuda(), None, 7, 3, True, True)
+    torch.testing.assert_close(noise.cpu(), N.randn(shape, 7, stream=N.STREAM_Q_SAMPLE, sample_offset=3).to(dtype),
+                               **close)
+    for o, r in zip((x_t, noise, v), C.q_sample(sample.cpu(), t, ABAR, None, 7, 3, True, True)):
+        torch.testing.assert_close(o.cpu(), r, **close)

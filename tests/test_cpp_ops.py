@@ -151,11 +151,23 @@ def test_ddpm_in_kernel_noise_is_the_philox_stream():
     torch.testing.assert_close(prev - mean, expected, atol=1e-12, rtol=1e-6)
 
 
-def test_noise_of_a_sample_is_the_same_in_a_batch_of_1_and_64():
-    model, sample, _ = inputs((64, 4, 8, 8), torch.float32)
+@pytest.fixture(params=[None, 3], ids=["default_threads", "3_threads"])
+def threads(request):
+    """Runs a test with torch's thread count and with 3 threads: 3 parallel ranges over an even batch
+    start inside samples, at elements that are not multiples of 4."""
+    before = torch.get_num_threads()
+    if request.param is not None:
+        torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(64, 4, 8, 8), (64, 3, 17, 23)])
+def test_noise_of_a_sample_is_the_same_in_a_batch_of_1_and_64(shape, threads):
+    model, sample, _ = inputs(shape, torch.float32)
     row = ddpm_row("fixed_small", 500)
     full, _ = C.ddpm_step(model, sample, row, None, 99, 0, "epsilon", "fixed_small", None, None, None, False)
-    for i in (0, 17, 63):
+    for i in (0, 17, 21, 63):
         one, _ = C.ddpm_step(model[i:i + 1], sample[i:i + 1], row, None, 99, i, "epsilon", "fixed_small", None,
                              None, None, False)
         assert torch.equal(one[0], full[i])
@@ -227,23 +239,61 @@ def test_cfg_combine_channels_last_keeps_layout():
 
 @pytest.mark.parametrize("seed,counter,stream,offset", [(0, 0, 0, 0), (12345678901234, 17, 0, 5),
                                                         (2**63 - 1, 999, 1, 2**31), (42, 2**32 - 1, 7, 0)])
-def test_philox_integer_stream_bit_exact_and_normals(seed, counter, stream, offset):
-    shape = (3, 4099)
+@pytest.mark.parametrize("per_sample", [4099, 4096, 3, 1])
+def test_philox_integer_stream_bit_exact_and_normals(seed, counter, stream, offset, per_sample):
+    """Per element: its Philox word and Box-Muller partner bit for bit (randn4x layout: (i0, i1) for
+    e % 4 < 2, (i2, i3) else), normals within 1e-6; per-sample sizes with and without a partial quad."""
+    shape = (3, per_sample)
     normal, bits = C.philox_randn(torch.empty(shape), seed, counter, stream, offset)
-    want, (i0, i1) = O.randn(shape, seed, counter, stream, offset)
-    assert np.array_equal(bits[0].numpy().astype(np.uint32), i0)
-    assert np.array_equal(bits[1].numpy().astype(np.uint32), i1)
+    want, (words, partners) = O.randn(shape, seed, counter, stream, offset)
+    assert np.array_equal(bits[0].numpy().astype(np.uint32), words)
+    assert np.array_equal(bits[1].numpy().astype(np.uint32), partners)
     np.testing.assert_allclose(normal.numpy(), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(normal, N.randn(shape, seed, counter=counter, stream=stream, sample_offset=offset),
                                atol=1e-6, rtol=0)
 
 
 def test_philox_normals_many_values():
-    """1M normals (tails included) within 1e-6 of the oracle: the log/cos polynomials hold up."""
+    """1M normals (tails included) within 1e-6 of the oracle: the log/sin/cos polynomials hold up."""
     normal, _ = C.philox_randn(torch.empty(4, 2**18), 7, 999, 0, 0)
     want, _ = O.randn((4, 2**18), 7, 999, 0, 0)
     np.testing.assert_allclose(normal.numpy(), want, atol=1e-6, rtol=0)
     assert abs(float(normal.mean())) < 5e-3 and abs(float(normal.std()) - 1) < 5e-3
+    tail = np.abs(want) > 4.0  # the largest radii: u(i0) near 0, where log's error would show
+    assert tail.sum() > 10
+    np.testing.assert_allclose(normal.numpy()[tail], want[tail], atol=1e-6, rtol=0)
+
+
+def test_philox_quad_pairs_are_cos_and_sin_of_one_angle():
+    """Elements 4q, 4q + 1 are (r cos th, r sin th) of one pair: their squares sum to r^2, and so do 4q + 2, 4q + 3."""
+    normal, bits = C.philox_randn(torch.empty(2, 4096), 3, 5, 0, 0)
+    quads = normal.double().reshape(2, -1, 4)
+    u = bits[0].reshape(2, -1, 4).numpy().astype(np.uint32).view(np.int32).astype(np.int64)
+    u = np.where(u < 0, -u - 1, u).astype(np.float32) * np.float32(4.6566127342e-10)
+    r2 = -2.0 * np.log(np.maximum(u, np.float32(1e-7)).astype(np.float64))
+    np.testing.assert_allclose((quads[..., 0] ** 2 + quads[..., 1] ** 2).numpy(), r2[..., 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose((quads[..., 2] ** 2 + quads[..., 3] ** 2).numpy(), r2[..., 2], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(r2[..., 0], r2[..., 2])  # the two pairs come from different words
+
+
+@pytest.mark.parametrize("per_sample", [1, 3, 5, 4 * 33333 + 2, 2 * 32768 + 7])
+def test_in_kernel_noise_with_partial_quads_and_unaligned_parallel_ranges(per_sample, threads):
+    """Per-sample sizes not divisible by 4 put the parallel split (32768-element grains over the flat
+    batch) and the chunk starts at elements that are not multiples of 4: every op still draws noise.randn."""
+    batch = 5
+    shape = (batch, per_sample)
+    model, sample, _ = inputs(shape, torch.float64)
+    row = ddpm_row("fixed_large", 500)
+    prev, _ = C.ddpm_step(model, sample, row, None, 11, 2, "epsilon", "fixed_large", None, None, None, False)
+    mean, _ = C.ddpm_step(model, sample, row, torch.zeros_like(sample), 0, 0, "epsilon", "fixed_large", None, None,
+                          None, False)
+    expected = N.randn(shape, 11, counter=500, sample_offset=2).double()
+    torch.testing.assert_close((prev - mean) / row[T.DDPM_STD].double(), expected, atol=1e-6, rtol=0)
+    x0 = torch.zeros(shape)
+    _, noise, _ = C.q_sample(x0, torch.zeros(batch, dtype=torch.int64), ABAR, None, 11, 2, True, False)
+    torch.testing.assert_close(noise, N.randn(shape, 11, stream=N.STREAM_Q_SAMPLE, sample_offset=2), atol=1e-6, rtol=0)
+    normal, _ = C.philox_randn(torch.empty(shape), 11, 500, 0, 2)
+    torch.testing.assert_close(normal, expected.float(), atol=1e-6, rtol=0)
 
 
 # --- contract: constants, errors, opcheck, default backend ---------------------------------------

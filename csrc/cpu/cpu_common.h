@@ -33,10 +33,15 @@ inline S store(C v) {
   return static_cast<S>(v);
 }
 
-// Normals of elements [first, first + n) of one sample, into out (n <= kChunk). Built for AVX2 and
-// AVX-512 as well as the baseline (function multiversioning, picked once at load time).
-void fill_normals(float* out, int64_t n, uint64_t seed, uint32_t first, uint32_t sample, uint32_t counter,
-                  uint32_t stream);
+// Scratch for the normals of a chunk: the covering quads of up to kChunk elements that start at
+// any element (an unaligned head costs up to 3 extra normals, the tail up to 3 more).
+constexpr int64_t kScratch = kChunk + 8;
+
+// Normals of elements [first, first + n) of one sample (n <= kChunk): computes the Philox quads
+// covering the range into scratch (kScratch floats, 64-byte aligned) and returns the address of
+// element `first`'s normal in it (scratch + first % 4). Vectorised (csrc/cpu/philox_randn.cpp).
+const float* fill_normals(float* scratch, int64_t n, uint64_t seed, int64_t first, uint32_t sample,
+                          uint32_t counter, uint32_t stream);
 
 // Runs body(b, begin, end) over every (sample b, element range [begin, end) of that sample) of a
 // batch of `batch` samples of `numel` elements, in parallel; ranges never cross a sample.
@@ -61,18 +66,29 @@ inline NoiseSource noise_source(const FdStepArgs& a, bool zero_std) {
   return a.noise != nullptr ? kGivenNoise : kPhiloxNoise;
 }
 
-// Runs chunk(begin, len, normals) over [i0, i1) of sample b in chunks of at most kChunk elements;
-// normals holds the chunk's Philox normals when N == kPhiloxNoise (else it is not filled).
+// Runs chunk(begin, len, normals) over elements [i0, i1) of one sample in chunks of at most kChunk
+// elements; when PHILOX, normals holds the chunk's normals of the stream (seed, sample, counter,
+// stream), else it is null. Chunks end on multiples of kChunk, so only a range's first chunk can
+// start inside a Philox quad.
+template <bool PHILOX, typename F>
+void for_each_noise_chunk(uint64_t seed, uint32_t sample, uint32_t counter, uint32_t stream, int64_t i0, int64_t i1,
+                          const F& chunk) {
+  alignas(64) float scratch[kScratch];
+  for (int64_t i = i0; i < i1;) {
+    const int64_t len = std::min((i / kChunk + 1) * kChunk, i1) - i;
+    const float* normals = nullptr;
+    if constexpr (PHILOX) normals = fill_normals(scratch, len, seed, i, sample, counter, stream);
+    chunk(i, len, normals);
+    i += len;
+  }
+}
+
+// The chunks of [i0, i1) of sample b of a step (see for_each_noise_chunk).
 template <NoiseSource N, typename F>
 void for_each_chunk(const FdStepArgs& a, uint32_t counter, uint32_t stream, int64_t b, int64_t i0, int64_t i1,
                     const F& chunk) {
-  alignas(64) float normals[kChunk];
   const uint32_t sample = uint32_t(uint64_t(a.sample_offset + b));
-  for (int64_t i = i0; i < i1; i += kChunk) {
-    const int64_t len = std::min(kChunk, i1 - i);
-    if constexpr (N == kPhiloxNoise) fill_normals(normals, len, a.seed, uint32_t(i), sample, counter, stream);
-    chunk(i, len, normals);
-  }
+  for_each_noise_chunk<N == kPhiloxNoise>(a.seed, sample, counter, stream, i0, i1, chunk);
 }
 
 // Dispatch of the storage type (FdDtype) to a template parameter.

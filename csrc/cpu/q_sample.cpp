@@ -45,13 +45,11 @@ template <typename S, bool PHILOX>
 void q_sample_run(const FdQSampleArgs& a, const std::vector<float>& sqrt_abar, const std::vector<float>& sqrt_1m) {
   using C = math_t<S>;
   for_each_range(a.batch, a.numel, [&](int64_t b, int64_t i0, int64_t i1) {
-    alignas(64) float normals[kChunk];
     const uint32_t sample = uint32_t(uint64_t(a.sample_offset + b));
-    for (int64_t i = i0; i < i1; i += kChunk) {
-      const int64_t len = std::min(kChunk, i1 - i);
-      if (PHILOX) fill_normals(normals, len, a.seed, uint32_t(i), sample, 0u, FD_STREAM_Q_SAMPLE);
-      q_sample_chunk<S, PHILOX>(a, C(sqrt_abar[b]), C(sqrt_1m[b]), b, i, len, normals);
-    }
+    for_each_noise_chunk<PHILOX>(a.seed, sample, 0u, FD_STREAM_Q_SAMPLE, i0, i1,
+                                 [&](int64_t i, int64_t len, const float* normals) {
+                                   q_sample_chunk<S, PHILOX>(a, C(sqrt_abar[b]), C(sqrt_1m[b]), b, i, len, normals);
+                                 });
   });
 }
 

@@ -54,6 +54,64 @@ inline bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// --- Philox quads (Triton's randn4x layout, csrc/philox.h) ---------------------------------------
+// The kernels that draw the stream give each thread one quad: 4 consecutive elements of a sample,
+// whose 4 normals one fd_randn4 call makes. A sample of numel elements has ceil(numel / 4) quads;
+// the last one holds numel % 4 elements when that is not 0.
+struct QuadItem {
+  int64_t b, q, i, idx;  // sample, quad, first element in the sample, flat index b * numel + i
+  int count;             // elements of the quad inside the sample: 4, or fewer at its tail
+};
+
+__host__ __device__ inline int64_t quads_of(int64_t numel) {
+  return (numel + 3) / 4;
+}
+
+__device__ inline QuadItem quad_item(int64_t item, int64_t quads, int64_t numel) {
+  QuadItem w;
+  w.b = item / quads;
+  w.q = item - w.b * quads;
+  w.i = 4 * w.q;
+  w.idx = w.b * numel + w.i;
+  const int64_t left = numel - w.i;
+  w.count = left < 4 ? int(left) : 4;
+  return w;
+}
+
+// Pack<S, 4> loads of whole quads need numel % 4 == 0 (no quad crosses a sample) and pointers
+// aligned to 4 * sizeof(S) (16 bytes for float); else a quad is moved element by element.
+template <typename S>
+inline bool quad_aligned(const void* p) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(S))) == 0;
+}
+
+// The `count` elements of a quad at p as math values (0 past count). PACK: one 4-element load.
+template <bool PACK, typename S>
+__device__ inline void load_quad(const S* p, int count, math_t<S> v[4]) {
+  if (PACK) {
+    const auto pk = load_pack<4>(p);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = to_math(pk.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = e < count ? math_t<S>(to_math(p[e])) : math_t<S>(0);
+  }
+}
+
+template <bool PACK, typename S>
+__device__ inline void store_quad(S* p, int count, const math_t<S> v[4]) {
+  if (PACK) {
+    Pack<S, 4> pk;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pk.v[e] = from_math<S>(v[e]);
+    store_pack<4>(p, pk);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (e < count) p[e] = from_math<S>(v[e]);
+  }
+}
+
 constexpr int kThreads = 256;
 
 // Grid for a grid-stride loop over `work` items: enough blocks to fill the GPU, no more.

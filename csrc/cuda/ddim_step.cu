@@ -6,8 +6,9 @@ namespace fastdiff {
 namespace cuda {
 namespace {
 
-// NOISE: 0 none (eta = 0), 1 given tensor, 2 in-kernel Philox.
-template <typename S, int VEC, bool CFG, int NOISE>
+// Grid-stride loop over Philox quads (cuda_common.cuh). NOISE: 0 none (eta = 0), 1 given tensor,
+// 2 in-kernel Philox (one fd_randn4 call per quad).
+template <typename S, bool PACK, bool CFG, int NOISE>
 __global__ void ddim_kernel(FdStepArgs a) {
   using C = math_t<S>;
   float row[FD_WIDTH];
@@ -15,47 +16,44 @@ __global__ void ddim_kernel(FdStepArgs a) {
   const auto k = fd_ddim_coefs<C>(row, a.prediction, a.clip_mode, a.clip_range, a.eta, a.use_clipped);
   const uint32_t counter = fd_step_counter(row[FD_TIMESTEP]);
   const C w = C(a.guidance_scale);
-  const int64_t packs = a.batch * a.numel / VEC;
-  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t idx = p * VEC, b = idx / a.numel, i = idx - b * a.numel;
-    const S* mu = static_cast<const S*>(a.model) + b * a.model_stride + i;
-    const auto x = load_pack<VEC>(static_cast<const S*>(a.sample) + idx);
-    const auto u = load_pack<VEC>(mu);
-    Pack<S, VEC> c, n, prev, x0;
-    if (CFG) c = load_pack<VEC>(mu + a.cond_offset);
-    if (NOISE == 1) n = load_pack<VEC>(static_cast<const S*>(a.noise) + idx);
-    const C s = a.threshold != nullptr ? C(a.threshold[b]) : C(1);
-    const uint32_t sample = uint32_t(uint64_t(a.sample_offset + b));
+  const int64_t quads = quads_of(a.numel), items = a.batch * quads;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < items; t += int64_t(gridDim.x) * blockDim.x) {
+    const QuadItem q = quad_item(t, quads, a.numel);
+    const S* mu = static_cast<const S*>(a.model) + q.b * a.model_stride + q.i;
+    C x[4], u[4], c[4], n[4], prev[4], x0[4];
+    load_quad<PACK>(static_cast<const S*>(a.sample) + q.idx, q.count, x);
+    load_quad<PACK>(mu, q.count, u);
+    if (CFG) load_quad<PACK>(mu + a.cond_offset, q.count, c);
+    if (NOISE == 1) load_quad<PACK>(static_cast<const S*>(a.noise) + q.idx, q.count, n);
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (NOISE == 2)
+      fd_randn4(a.seed, uint32_t(q.q), uint32_t(uint64_t(a.sample_offset + q.b)), counter, FD_STREAM_STEP, z);
+    const C s = a.threshold != nullptr ? C(a.threshold[q.b]) : C(1);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      C m = CFG ? fd_cfg(to_math(u.v[e]), to_math(c.v[e]), w) : to_math(u.v[e]);
-      C noise = NOISE == 1   ? C(to_math(n.v[e]))
-                : NOISE == 2 ? C(fd_randn(a.seed, uint32_t(i + e), sample, counter, FD_STREAM_STEP))
-                             : C(0);
-      C pv, xv;
-      fd_ddim_update(k, m, C(to_math(x.v[e])), noise, s, pv, xv);
-      prev.v[e] = from_math<S>(pv);
-      x0.v[e] = from_math<S>(xv);
+    for (int e = 0; e < 4; ++e) {
+      const C m = CFG ? fd_cfg(u[e], c[e], w) : u[e];
+      fd_ddim_update(k, m, x[e], NOISE == 1 ? n[e] : C(z[e]), s, prev[e], x0[e]);
     }
-    store_pack<VEC>(static_cast<S*>(a.prev) + idx, prev);
-    if (a.x0 != nullptr) store_pack<VEC>(static_cast<S*>(a.x0) + idx, x0);
+    store_quad<PACK>(static_cast<S*>(a.prev) + q.idx, q.count, prev);
+    if (a.x0 != nullptr) store_quad<PACK>(static_cast<S*>(a.x0) + q.idx, q.count, x0);
   }
 }
 
-template <typename S, int VEC, bool CFG>
+template <typename S, bool PACK, bool CFG>
 void launch_noise(const FdStepArgs& a, cudaStream_t stream) {
-  const unsigned blocks = blocks_for(a.batch * a.numel / VEC);
+  const unsigned blocks = blocks_for(a.batch * quads_of(a.numel));
   if (!a.add_noise)
-    ddim_kernel<S, VEC, CFG, 0><<<blocks, kThreads, 0, stream>>>(a);
+    ddim_kernel<S, PACK, CFG, 0><<<blocks, kThreads, 0, stream>>>(a);
   else if (a.noise != nullptr)
-    ddim_kernel<S, VEC, CFG, 1><<<blocks, kThreads, 0, stream>>>(a);
+    ddim_kernel<S, PACK, CFG, 1><<<blocks, kThreads, 0, stream>>>(a);
   else
-    ddim_kernel<S, VEC, CFG, 2><<<blocks, kThreads, 0, stream>>>(a);
+    ddim_kernel<S, PACK, CFG, 2><<<blocks, kThreads, 0, stream>>>(a);
 }
 
-bool can_pack(const FdStepArgs& a, int vec) {
-  return a.numel % vec == 0 && aligned16(a.model) && aligned16(a.sample) && aligned16(a.prev) &&
-         (a.noise == nullptr || aligned16(a.noise)) && (a.x0 == nullptr || aligned16(a.x0));
+template <typename S>
+bool can_pack(const FdStepArgs& a) {
+  return a.numel % 4 == 0 && quad_aligned<S>(a.model) && quad_aligned<S>(a.sample) && quad_aligned<S>(a.prev) &&
+         quad_aligned<S>(a.noise) && quad_aligned<S>(a.x0);
 }
 
 }  // namespace
@@ -68,11 +66,10 @@ void fd_launch_ddim_step(const FdStepArgs& args, int dtype, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    constexpr int vec = pack_of<S>();
-    const bool pack = can_pack(args, vec);
+    const bool pack = can_pack<S>(args);
     if (args.cfg)
-      pack ? launch_noise<S, vec, true>(args, s) : launch_noise<S, 1, true>(args, s);
+      pack ? launch_noise<S, true, true>(args, s) : launch_noise<S, false, true>(args, s);
     else
-      pack ? launch_noise<S, vec, false>(args, s) : launch_noise<S, 1, false>(args, s);
+      pack ? launch_noise<S, true, false>(args, s) : launch_noise<S, false, false>(args, s);
   });
 }
