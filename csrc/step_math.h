@@ -46,114 +46,141 @@ FD_HOST_DEVICE inline C fd_cfg(C u, C c, C w) {
   return u + w * (c - u);
 }
 
-// x0 from the model output. epsilon: DDPM eq. 15; v: Salimans & Ho 2022 sec. 4.
+// x0 and eps are linear in (x, m) for every prediction type, so a call turns the prediction type
+// into a few numbers and the per-element code is branch-free FMAs (the CPU loops vectorise; GPU
+// threads run the same instructions). Each is (a x + b m) * scale, keeping the reference's order
+// of operations (the difference x - sqrt(1 - abar) m is formed first: it can cancel):
+//   epsilon: x0 = (x - sqrt(1 - abar) m) / sqrt(abar)  (DDPM eq. 15),  eps = m
+//   sample:  x0 = m,                                    eps = (x - sqrt(abar) m) / sqrt(1 - abar)
+//   v:       x0 = sqrt(abar) x - sqrt(1 - abar) m,      eps = sqrt(1 - abar) x + sqrt(abar) m
+//            (Salimans & Ho 2022, sec. 4)
 template <typename C>
-FD_HOST_DEVICE inline C fd_predict_x0(int pred, C m, C x, C sqrt_abar, C sqrt_1m_abar) {
-  if (pred == FD_PRED_EPSILON) return (x - sqrt_1m_abar * m) / sqrt_abar;
-  if (pred == FD_PRED_SAMPLE) return m;
-  return sqrt_abar * x - sqrt_1m_abar * m;
+struct FdLinear {
+  C x, m, scale;
+};
+
+template <typename C>
+struct FdPrediction {
+  FdLinear<C> x0, eps;
+};
+
+template <typename C>
+FD_HOST_DEVICE inline FdPrediction<C> fd_prediction(int pred, C sqrt_abar, C sqrt_1m_abar) {
+  if (pred == FD_PRED_EPSILON) return {{C(1), -sqrt_1m_abar, C(1) / sqrt_abar}, {C(0), C(1), C(1)}};
+  if (pred == FD_PRED_SAMPLE) return {{C(0), C(1), C(1)}, {C(1), -sqrt_abar, C(1) / sqrt_1m_abar}};
+  return {{sqrt_abar, -sqrt_1m_abar, C(1)}, {sqrt_1m_abar, sqrt_abar, C(1)}};
 }
 
-// eps from the model output (DDIM eq. 12 needs it).
 template <typename C>
-FD_HOST_DEVICE inline C fd_predict_eps(int pred, C m, C x, C sqrt_abar, C sqrt_1m_abar) {
-  if (pred == FD_PRED_EPSILON) return m;
-  if (pred == FD_PRED_SAMPLE) return (x - sqrt_abar * m) / sqrt_1m_abar;
-  return sqrt_abar * m + sqrt_1m_abar * x;
+FD_HOST_DEVICE inline C fd_linear(const FdLinear<C>& f, C x, C m) {
+  return (f.x * x + f.m * m) * f.scale;
 }
 
-// Clip modes: none, clip to [-range, range], dynamic thresholding (Imagen sec. 2.3: clamp to
-// [-s, s], divide by s, with s the per-sample threshold). Thresholding takes precedence.
+// Clipping of x0 as one NaN-propagating clamp to [-hi, hi] and a scale: none (hi = inf),
+// clip_sample (hi = range), dynamic thresholding (Imagen sec. 2.3: hi = s, scale = 1 / s, with s
+// the per-sample threshold). Thresholding takes precedence (validate.cpp picks the mode).
 #define FD_CLIP_NONE 0
 #define FD_CLIP_RANGE 1
 #define FD_CLIP_THRESHOLD 2
 
 template <typename C>
-FD_HOST_DEVICE inline C fd_clip_x0(int mode, C x0, C clip_range, C s) {
-  if (mode == FD_CLIP_THRESHOLD) return fd_clamp(x0, -s, s) / s;
-  if (mode == FD_CLIP_RANGE) return fd_clamp(x0, -clip_range, clip_range);
-  return x0;
+struct FdClip {
+  C hi, scale;
+};
+
+template <typename C>
+FD_HOST_DEVICE inline FdClip<C> fd_clip(int mode, C clip_range, C s) {
+  if (mode == FD_CLIP_THRESHOLD) return {s, C(1) / s};
+  if (mode == FD_CLIP_RANGE) return {clip_range, C(1)};
+  return {C(INFINITY), C(1)};
+}
+
+template <typename C>
+FD_HOST_DEVICE inline C fd_x0(const FdPrediction<C>& p, const FdClip<C>& clip, C m, C x) {
+  return fd_clamp(fd_linear(p.x0, x, m), -clip.hi, clip.hi) * clip.scale;
 }
 
 // Scalars of one DDPM step, read from the coefficient row (host or device) and the call.
 template <typename C>
 struct FdDdpmCoefs {
-  C sqrt_abar, sqrt_1m_abar, c_x0, c_xt, std, min_log, max_log, clip_range;
-  int pred, var_mode, clip_mode;
+  FdPrediction<C> pred;
+  C c_x0, c_xt, std, min_log, max_log, clip_range;
+  int clip_mode;
 };
 
 template <typename C>
-FD_HOST_DEVICE inline FdDdpmCoefs<C> fd_ddpm_coefs(const float* row, int pred, int var_mode, int clip_mode,
-                                                   double clip_range) {
+FD_HOST_DEVICE inline FdDdpmCoefs<C> fd_ddpm_coefs(const float* row, int pred, int clip_mode, double clip_range) {
   FdDdpmCoefs<C> k;
-  k.sqrt_abar = C(row[FD_SQRT_ABAR]);
-  k.sqrt_1m_abar = C(row[FD_SQRT_1M_ABAR]);
+  k.pred = fd_prediction(pred, C(row[FD_SQRT_ABAR]), C(row[FD_SQRT_1M_ABAR]));
   k.c_x0 = C(row[FD_DDPM_C_X0]);
   k.c_xt = C(row[FD_DDPM_C_XT]);
   k.std = C(row[FD_DDPM_STD]);
   k.min_log = C(row[FD_DDPM_MIN_LOG]);
   k.max_log = C(row[FD_DDPM_MAX_LOG]);
   k.clip_range = C(clip_range);
-  k.pred = pred;
-  k.var_mode = var_mode;
   k.clip_mode = clip_mode;
   return k;
 }
 
-// Per-element noise std. fixed: the row's std. learned: std = sqrt(max(v, 0)) (our NaN policy).
-// learned_range: IDDPM eq. 15, log var = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2.
-template <typename C>
+// Per-element noise std (VAR is the variance mode, a compile-time choice). fixed: the row's std.
+// learned: std = sqrt(max(v, 0)) (our NaN policy). learned_range: IDDPM eq. 15,
+// log var = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2.
+template <int VAR, typename C>
 FD_HOST_DEVICE inline C fd_ddpm_std(const FdDdpmCoefs<C>& k, C v) {
-  if (k.var_mode == FD_VAR_LEARNED) return k.std * fd_sqrt(v < C(0) ? C(0) : v);
-  if (k.var_mode == FD_VAR_LEARNED_RANGE) {
+  if constexpr (VAR == FD_VAR_LEARNED) {
+    return k.std * fd_sqrt(v < C(0) ? C(0) : v);
+  } else if constexpr (VAR == FD_VAR_LEARNED_RANGE) {
     C frac = (v + C(1)) / C(2);
     C log_variance = frac * k.max_log + (C(1) - frac) * k.min_log;
     return k.std * fd_exp(C(0.5) * log_variance);
+  } else {
+    return k.std;
   }
-  return k.std;
 }
 
 // DDPM reverse step (DDPM eq. 6-7, Algorithm 2): x0, then the posterior mean plus std * noise.
-template <typename C>
-FD_HOST_DEVICE inline void fd_ddpm_update(const FdDdpmCoefs<C>& k, C m, C v, C x, C noise, C s, C& prev,
-                                          C& x0) {
-  x0 = fd_clip_x0(k.clip_mode, fd_predict_x0(k.pred, m, x, k.sqrt_abar, k.sqrt_1m_abar), k.clip_range, s);
+template <int VAR, typename C>
+FD_HOST_DEVICE inline void fd_ddpm_update(const FdDdpmCoefs<C>& k, const FdClip<C>& clip, C m, C v, C x, C noise,
+                                          C& prev, C& x0) {
+  x0 = fd_x0(k.pred, clip, m, x);
   C mean = k.c_x0 * x0 + k.c_xt * x;  // posterior mean, DDPM eq. 7
-  prev = mean + fd_ddpm_std(k, v) * noise;
+  prev = mean + fd_ddpm_std<VAR>(k, v) * noise;
 }
 
 // Scalars of one DDIM step. std = eta sigma_t (DDIM eq. 16); the direction coefficient
-// sqrt(1 - abar_prev - std^2) is clamped at 0 (eta > 1, our NaN policy).
+// sqrt(1 - abar_prev - std^2) is clamped at 0 (eta > 1, our NaN policy). use_clipped_model_output
+// re-derives eps from the clipped x0, eps = (x - sqrt(abar) x0) / sqrt(1 - abar): the same linear
+// form with x0 in place of m.
 template <typename C>
 struct FdDdimCoefs {
-  C sqrt_abar, sqrt_1m_abar, sqrt_abar_prev, direction, std, clip_range;
-  int pred, clip_mode, use_clipped;
+  FdPrediction<C> pred;
+  C sqrt_abar_prev, direction, std, clip_range;
+  int clip_mode, use_clipped;
 };
 
 template <typename C>
 FD_HOST_DEVICE inline FdDdimCoefs<C> fd_ddim_coefs(const float* row, int pred, int clip_mode, double clip_range,
                                                    double eta, int use_clipped) {
   FdDdimCoefs<C> k;
-  k.sqrt_abar = C(row[FD_SQRT_ABAR]);
-  k.sqrt_1m_abar = C(row[FD_SQRT_1M_ABAR]);
+  const C sqrt_abar = C(row[FD_SQRT_ABAR]), sqrt_1m_abar = C(row[FD_SQRT_1M_ABAR]);
+  k.pred = fd_prediction(pred, sqrt_abar, sqrt_1m_abar);
+  k.use_clipped = use_clipped;
+  if (use_clipped) k.pred.eps = {C(1), -sqrt_abar, C(1) / sqrt_1m_abar};
   k.sqrt_abar_prev = C(row[FD_DDIM_SQRT_ABAR_PREV]);
   k.std = C(eta) * C(row[FD_DDIM_SIGMA]);
   C var = C(row[FD_DDIM_1M_ABAR_PREV]) - k.std * k.std;
   k.direction = fd_sqrt(var < C(0) ? C(0) : var);
   k.clip_range = C(clip_range);
-  k.pred = pred;
   k.clip_mode = clip_mode;
-  k.use_clipped = use_clipped;
   return k;
 }
 
 // DDIM eq. 12: prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise.
 template <typename C>
-FD_HOST_DEVICE inline void fd_ddim_update(const FdDdimCoefs<C>& k, C m, C x, C noise, C s, C& prev, C& x0) {
-  x0 = fd_predict_x0(k.pred, m, x, k.sqrt_abar, k.sqrt_1m_abar);
-  C eps = fd_predict_eps(k.pred, m, x, k.sqrt_abar, k.sqrt_1m_abar);
-  x0 = fd_clip_x0(k.clip_mode, x0, k.clip_range, s);
-  if (k.use_clipped) eps = (x - k.sqrt_abar * x0) / k.sqrt_1m_abar;  // eps re-derived from the clipped x0
+FD_HOST_DEVICE inline void fd_ddim_update(const FdDdimCoefs<C>& k, const FdClip<C>& clip, C m, C x, C noise,
+                                          C& prev, C& x0) {
+  x0 = fd_x0(k.pred, clip, m, x);
+  C eps = fd_linear(k.pred.eps, x, k.use_clipped ? x0 : m);  // a select, not a branch
   prev = k.sqrt_abar_prev * x0 + k.direction * eps + k.std * noise;
 }
 

@@ -19,7 +19,7 @@ void ddim_chunk(const FdStepArgs& a, const FdDdimCoefs<math_t<S>>& k, int64_t b,
   const S* __restrict given = N == kGivenNoise ? static_cast<const S*>(a.noise) + b * a.numel + i : nullptr;
   S* __restrict prev = static_cast<S*>(a.prev) + b * a.numel + i;
   S* __restrict x0_out = a.x0 != nullptr ? static_cast<S*>(a.x0) + b * a.numel + i : nullptr;
-  const C s = a.threshold != nullptr ? C(a.threshold[b]) : C(1);
+  const FdClip<C> clip = fd_clip(k.clip_mode, k.clip_range, a.threshold != nullptr ? C(a.threshold[b]) : C(1));
   const C w = C(a.guidance_scale);
   if (x0_out == nullptr) {
 #pragma omp simd
@@ -27,7 +27,7 @@ void ddim_chunk(const FdStepArgs& a, const FdDdimCoefs<math_t<S>>& k, int64_t b,
       C m = CFG ? fd_cfg(load(mu[j]), load(mc[j]), w) : load(mu[j]);
       C n = N == kPhiloxNoise ? C(normals[j]) : (N == kGivenNoise ? load(given[j]) : C(0));
       C p, x0;
-      fd_ddim_update(k, m, load(x[j]), n, s, p, x0);
+      fd_ddim_update(k, clip, m, load(x[j]), n, p, x0);
       prev[j] = store<S>(p);
     }
   } else {
@@ -36,7 +36,7 @@ void ddim_chunk(const FdStepArgs& a, const FdDdimCoefs<math_t<S>>& k, int64_t b,
       C m = CFG ? fd_cfg(load(mu[j]), load(mc[j]), w) : load(mu[j]);
       C n = N == kPhiloxNoise ? C(normals[j]) : (N == kGivenNoise ? load(given[j]) : C(0));
       C p, x0;
-      fd_ddim_update(k, m, load(x[j]), n, s, p, x0);
+      fd_ddim_update(k, clip, m, load(x[j]), n, p, x0);
       prev[j] = store<S>(p);
       x0_out[j] = store<S>(x0);
     }

@@ -10,9 +10,10 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-// One chunk [i, i + len) of sample b. Loop-invariant choices (prediction, variance, clip mode)
-// are runtime ints the vectoriser if-converts; the pointer choices are template parameters.
-template <typename S, bool CFG, bool LEARNED, NoiseSource N>
+// One chunk [i, i + len) of sample b. The prediction type and clip mode are folded into
+// coefficients (k, clip) and the variance mode is a template parameter, so the loop body is
+// branch-free and vectorises.
+template <typename S, bool CFG, int VAR, NoiseSource N>
 void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b, int64_t i, int64_t len,
                 const float* __restrict normals) {
   using C = math_t<S>;
@@ -23,8 +24,9 @@ void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b,
   const S* __restrict given = N == kGivenNoise ? static_cast<const S*>(a.noise) + b * a.numel + i : nullptr;
   S* __restrict prev = static_cast<S*>(a.prev) + b * a.numel + i;
   S* __restrict x0_out = a.x0 != nullptr ? static_cast<S*>(a.x0) + b * a.numel + i : nullptr;
-  const C s = a.threshold != nullptr ? C(a.threshold[b]) : C(1);
+  const FdClip<C> clip = fd_clip(k.clip_mode, k.clip_range, a.threshold != nullptr ? C(a.threshold[b]) : C(1));
   const C w = C(a.guidance_scale);
+  constexpr bool LEARNED = VAR != FD_VAR_FIXED;
   if (x0_out == nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
@@ -32,7 +34,7 @@ void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b,
       C v = LEARNED ? load(var[j]) : C(0);
       C n = N == kPhiloxNoise ? C(normals[j]) : (N == kGivenNoise ? load(given[j]) : C(0));
       C p, x0;
-      fd_ddpm_update(k, m, v, load(x[j]), n, s, p, x0);
+      fd_ddpm_update<VAR>(k, clip, m, v, load(x[j]), n, p, x0);
       prev[j] = store<S>(p);
     }
   } else {
@@ -42,43 +44,47 @@ void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b,
       C v = LEARNED ? load(var[j]) : C(0);
       C n = N == kPhiloxNoise ? C(normals[j]) : (N == kGivenNoise ? load(given[j]) : C(0));
       C p, x0;
-      fd_ddpm_update(k, m, v, load(x[j]), n, s, p, x0);
+      fd_ddpm_update<VAR>(k, clip, m, v, load(x[j]), n, p, x0);
       prev[j] = store<S>(p);
       x0_out[j] = store<S>(x0);
     }
   }
 }
 
-template <typename S, bool CFG, bool LEARNED, NoiseSource N>
+template <typename S, bool CFG, int VAR, NoiseSource N>
 void ddpm_run(const FdStepArgs& a) {
-  const auto k = fd_ddpm_coefs<math_t<S>>(a.coefs, a.prediction, a.variance_mode, a.clip_mode, a.clip_range);
+  const auto k = fd_ddpm_coefs<math_t<S>>(a.coefs, a.prediction, a.clip_mode, a.clip_range);
   const uint32_t counter = fd_step_counter(a.coefs[FD_TIMESTEP]);
   for_each_range(a.batch, a.numel, [&](int64_t b, int64_t i0, int64_t i1) {
     for_each_chunk<N>(a, counter, FD_STREAM_STEP, b, i0, i1, [&](int64_t i, int64_t len, const float* normals) {
-      ddpm_chunk<S, CFG, LEARNED, N>(a, k, b, i, len, normals);
+      ddpm_chunk<S, CFG, VAR, N>(a, k, b, i, len, normals);
     });
   });
 }
 
-template <typename S, bool CFG, bool LEARNED>
+template <typename S, bool CFG, int VAR>
 void ddpm_noise(const FdStepArgs& a) {
   // A fixed-variance step with std 0 (t = 0) adds 0 * noise: skip drawing it.
-  bool zero_std = !LEARNED && a.coefs[FD_DDPM_STD] == 0.0f;
+  bool zero_std = VAR == FD_VAR_FIXED && a.coefs[FD_DDPM_STD] == 0.0f;
   switch (noise_source(a, zero_std)) {
-    case kNoNoise: return ddpm_run<S, CFG, LEARNED, kNoNoise>(a);
-    case kGivenNoise: return ddpm_run<S, CFG, LEARNED, kGivenNoise>(a);
-    case kPhiloxNoise: return ddpm_run<S, CFG, LEARNED, kPhiloxNoise>(a);
+    case kNoNoise: return ddpm_run<S, CFG, VAR, kNoNoise>(a);
+    case kGivenNoise: return ddpm_run<S, CFG, VAR, kGivenNoise>(a);
+    case kPhiloxNoise: return ddpm_run<S, CFG, VAR, kPhiloxNoise>(a);
+  }
+}
+
+template <typename S, bool CFG>
+void ddpm_variance(const FdStepArgs& a) {
+  switch (a.variance_mode) {
+    case FD_VAR_LEARNED: return ddpm_noise<S, CFG, FD_VAR_LEARNED>(a);
+    case FD_VAR_LEARNED_RANGE: return ddpm_noise<S, CFG, FD_VAR_LEARNED_RANGE>(a);
+    default: return ddpm_noise<S, CFG, FD_VAR_FIXED>(a);
   }
 }
 
 template <typename S>
 void ddpm_dispatch(const FdStepArgs& a) {
-  const bool learned = a.variance_mode != FD_VAR_FIXED;
-  if (a.cfg) {
-    learned ? ddpm_noise<S, true, true>(a) : ddpm_noise<S, true, false>(a);
-  } else {
-    learned ? ddpm_noise<S, false, true>(a) : ddpm_noise<S, false, false>(a);
-  }
+  a.cfg ? ddpm_variance<S, true>(a) : ddpm_variance<S, false>(a);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,

@@ -85,6 +85,13 @@ inline bool quad_aligned(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(S))) == 0;
 }
 
+// A step's quads can all move as 4-element vectors: whole quads, every pointer 4-element aligned.
+template <typename S>
+bool can_pack(const FdStepArgs& a) {
+  return a.numel % 4 == 0 && quad_aligned<S>(a.model) && quad_aligned<S>(a.sample) && quad_aligned<S>(a.prev) &&
+         quad_aligned<S>(a.noise) && quad_aligned<S>(a.x0);
+}
+
 // The `count` elements of a quad at p as math values (0 past count). PACK: one 4-element load.
 template <bool PACK, typename S>
 __device__ inline void load_quad(const S* p, int count, math_t<S> v[4]) {

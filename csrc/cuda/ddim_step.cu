@@ -28,11 +28,11 @@ __global__ void ddim_kernel(FdStepArgs a) {
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (NOISE == 2)
       fd_randn4(a.seed, uint32_t(q.q), uint32_t(uint64_t(a.sample_offset + q.b)), counter, FD_STREAM_STEP, z);
-    const C s = a.threshold != nullptr ? C(a.threshold[q.b]) : C(1);
+    const FdClip<C> clip = fd_clip(k.clip_mode, k.clip_range, a.threshold != nullptr ? C(a.threshold[q.b]) : C(1));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const C m = CFG ? fd_cfg(u[e], c[e], w) : u[e];
-      fd_ddim_update(k, m, x[e], NOISE == 1 ? n[e] : C(z[e]), s, prev[e], x0[e]);
+      fd_ddim_update(k, clip, m, x[e], NOISE == 1 ? n[e] : C(z[e]), prev[e], x0[e]);
     }
     store_quad<PACK>(static_cast<S*>(a.prev) + q.idx, q.count, prev);
     if (a.x0 != nullptr) store_quad<PACK>(static_cast<S*>(a.x0) + q.idx, q.count, x0);
@@ -48,12 +48,6 @@ void launch_noise(const FdStepArgs& a, cudaStream_t stream) {
     ddim_kernel<S, PACK, CFG, 1><<<blocks, kThreads, 0, stream>>>(a);
   else
     ddim_kernel<S, PACK, CFG, 2><<<blocks, kThreads, 0, stream>>>(a);
-}
-
-template <typename S>
-bool can_pack(const FdStepArgs& a) {
-  return a.numel % 4 == 0 && quad_aligned<S>(a.model) && quad_aligned<S>(a.sample) && quad_aligned<S>(a.prev) &&
-         quad_aligned<S>(a.noise) && quad_aligned<S>(a.x0);
 }
 
 }  // namespace

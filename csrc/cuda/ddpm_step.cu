@@ -9,12 +9,13 @@ namespace {
 
 // Grid-stride loop over Philox quads (4 elements of a sample, one fd_randn4 call; cuda_common.cuh).
 // PACK: every quad is whole and aligned, moved with 4-element vector loads/stores.
-template <typename S, bool PACK, bool CFG, bool LEARNED, int NOISE>
+template <typename S, bool PACK, bool CFG, int VAR, int NOISE>
 __global__ void ddpm_kernel(FdStepArgs a) {
   using C = math_t<S>;
+  constexpr bool LEARNED = VAR != FD_VAR_FIXED;
   float row[FD_WIDTH];
   for (int c = 0; c < FD_WIDTH; ++c) row[c] = __ldg(a.coefs + c);
-  const auto k = fd_ddpm_coefs<C>(row, a.prediction, a.variance_mode, a.clip_mode, a.clip_range);
+  const auto k = fd_ddpm_coefs<C>(row, a.prediction, a.clip_mode, a.clip_range);
   const uint32_t counter = fd_step_counter(row[FD_TIMESTEP]);
   const bool draw = NOISE == 2 && (LEARNED || k.std != C(0));  // std 0 (t = 0): no noise to draw
   const C w = C(a.guidance_scale);
@@ -31,40 +32,39 @@ __global__ void ddpm_kernel(FdStepArgs a) {
     if (NOISE == 1) load_quad<PACK>(static_cast<const S*>(a.noise) + q.idx, q.count, n);
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (draw) fd_randn4(a.seed, uint32_t(q.q), uint32_t(uint64_t(a.sample_offset + q.b)), counter, FD_STREAM_STEP, z);
-    const C s = a.threshold != nullptr ? C(a.threshold[q.b]) : C(1);
+    const FdClip<C> clip = fd_clip(k.clip_mode, k.clip_range, a.threshold != nullptr ? C(a.threshold[q.b]) : C(1));
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const C m = CFG ? fd_cfg(u[e], c[e], w) : u[e];
       const C noise = NOISE == 1 ? n[e] : C(z[e]);
-      fd_ddpm_update(k, m, LEARNED ? v[e] : C(0), x[e], noise, s, prev[e], x0[e]);
+      fd_ddpm_update<VAR>(k, clip, m, LEARNED ? v[e] : C(0), x[e], noise, prev[e], x0[e]);
     }
     store_quad<PACK>(static_cast<S*>(a.prev) + q.idx, q.count, prev);
     if (a.x0 != nullptr) store_quad<PACK>(static_cast<S*>(a.x0) + q.idx, q.count, x0);
   }
 }
 
-template <typename S, bool PACK, bool CFG, bool LEARNED>
+template <typename S, bool PACK, bool CFG, int VAR>
 void launch_noise(const FdStepArgs& a, cudaStream_t stream) {
   const unsigned blocks = blocks_for(a.batch * quads_of(a.numel));
   if (a.noise != nullptr)
-    ddpm_kernel<S, PACK, CFG, LEARNED, 1><<<blocks, kThreads, 0, stream>>>(a);
+    ddpm_kernel<S, PACK, CFG, VAR, 1><<<blocks, kThreads, 0, stream>>>(a);
   else  // a DDPM step always adds noise (validate.cpp); std 0 is skipped in the kernel
-    ddpm_kernel<S, PACK, CFG, LEARNED, 2><<<blocks, kThreads, 0, stream>>>(a);
+    ddpm_kernel<S, PACK, CFG, VAR, 2><<<blocks, kThreads, 0, stream>>>(a);
+}
+
+template <typename S, bool PACK, bool CFG>
+void launch_variance(const FdStepArgs& a, cudaStream_t stream) {
+  switch (a.variance_mode) {
+    case FD_VAR_LEARNED: return launch_noise<S, PACK, CFG, FD_VAR_LEARNED>(a, stream);
+    case FD_VAR_LEARNED_RANGE: return launch_noise<S, PACK, CFG, FD_VAR_LEARNED_RANGE>(a, stream);
+    default: return launch_noise<S, PACK, CFG, FD_VAR_FIXED>(a, stream);
+  }
 }
 
 template <typename S, bool PACK>
 void launch_pack(const FdStepArgs& a, cudaStream_t stream) {
-  const bool learned = a.variance_mode != FD_VAR_FIXED;
-  if (a.cfg)
-    learned ? launch_noise<S, PACK, true, true>(a, stream) : launch_noise<S, PACK, true, false>(a, stream);
-  else
-    learned ? launch_noise<S, PACK, false, true>(a, stream) : launch_noise<S, PACK, false, false>(a, stream);
-}
-
-template <typename S>
-bool can_pack(const FdStepArgs& a) {
-  return a.numel % 4 == 0 && quad_aligned<S>(a.model) && quad_aligned<S>(a.sample) && quad_aligned<S>(a.prev) &&
-         quad_aligned<S>(a.noise) && quad_aligned<S>(a.x0);
+  a.cfg ? launch_variance<S, PACK, true>(a, stream) : launch_variance<S, PACK, false>(a, stream);
 }
 
 }  // namespace

@@ -164,21 +164,20 @@ class BaseSampler(ConfigMixin):
             t = torch.where((t >= 0) & (t < T_), t, torch.full_like(t, T_)).to(like.device)
         return t.to(torch.int64).expand(like.shape[0]).contiguous()
 
+    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, write_v: bool):
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but {names} has shape {tuple(x0.shape)}")
+        t = self._training_timesteps(timesteps, x0)
+        abar = self._alphas_cumprod_on(x0.device)
+        return ops.q_sample(x0, t, abar, noise.to(x0.device), 0, 0, False, write_v)
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), per-sample timesteps."""
-        if noise.shape != original_samples.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, original_samples {tuple(original_samples.shape)}")
-        t = self._training_timesteps(timesteps, original_samples)
-        abar = self._alphas_cumprod_on(original_samples.device)
-        return ops.q_sample(original_samples, t, abar, noise.to(original_samples.device), 0, 0, False, False)[0]
+        return self._q_sample(original_samples, noise, timesteps, "original_samples", write_v=False)[0]
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022, sec. 4)."""
-        if noise.shape != sample.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, sample {tuple(sample.shape)}")
-        t = self._training_timesteps(timesteps, sample)
-        abar = self._alphas_cumprod_on(sample.device)
-        return ops.q_sample(sample, t, abar, noise.to(sample.device), 0, 0, False, True)[2]
+        return self._q_sample(sample, noise, timesteps, "sample", write_v=True)[2]
 
 
 def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:
