@@ -10,15 +10,18 @@ namespace cpu {
 namespace {
 
 template <typename S>
-void cfg_run(const FdCfgArgs& a) {
-  using C = math_t<S>;
-  const C w = C(a.guidance_scale);
-  at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
-    const S* __restrict u = static_cast<const S*>(a.uncond) + begin;
-    const S* __restrict c = static_cast<const S*>(a.cond) + begin;
-    S* __restrict out = static_cast<S*>(a.out) + begin;
+FD_MULTIVERSION void cfg_range(const S* __restrict u, const S* __restrict c, S* __restrict out, int64_t n,
+                               math_t<S> w) {
 #pragma omp simd
-    for (int64_t j = 0; j < end - begin; ++j) out[j] = store<S>(fd_cfg(load(u[j]), load(c[j]), w));
+  for (int64_t j = 0; j < n; ++j) out[j] = store<S>(fd_cfg(load(u[j]), load(c[j]), w));
+}
+
+template <typename S>
+void cfg_run(const FdCfgArgs& a) {
+  const math_t<S> w = math_t<S>(a.guidance_scale);
+  at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
+    cfg_range<S>(static_cast<const S*>(a.uncond) + begin, static_cast<const S*>(a.cond) + begin,
+                 static_cast<S*>(a.out) + begin, end - begin, w);
   });
 }
 

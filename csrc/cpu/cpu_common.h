@@ -12,6 +12,15 @@
 #include "../step_args.h"
 #include "../step_math.h"
 
+// The inner loops are built for AVX-512 and AVX2 as well as the baseline ISA and the best one is
+// picked once at load time (GCC function multiversioning): the extension is built without -march,
+// so without this the loops would be SSE2, 4 floats wide.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FD_MULTIVERSION
+#endif
+
 namespace fastdiff {
 namespace cpu {
 

@@ -10,7 +10,7 @@ namespace cpu {
 namespace {
 
 template <typename S, bool CFG, NoiseSource N>
-void ddim_chunk(const FdStepArgs& a, const FdDdimCoefs<math_t<S>>& k, int64_t b, int64_t i, int64_t len,
+FD_MULTIVERSION void ddim_chunk(const FdStepArgs& a, const FdDdimCoefs<math_t<S>>& k, int64_t b, int64_t i, int64_t len,
                 const float* __restrict normals) {
   using C = math_t<S>;
   const S* __restrict x = static_cast<const S*>(a.sample) + b * a.numel + i;

@@ -14,7 +14,7 @@ namespace {
 // coefficients (k, clip) and the variance mode is a template parameter, so the loop body is
 // branch-free and vectorises.
 template <typename S, bool CFG, int VAR, NoiseSource N>
-void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b, int64_t i, int64_t len,
+FD_MULTIVERSION void ddpm_chunk(const FdStepArgs& a, const FdDdpmCoefs<math_t<S>>& k, int64_t b, int64_t i, int64_t len,
                 const float* __restrict normals) {
   using C = math_t<S>;
   const S* __restrict x = static_cast<const S*>(a.sample) + b * a.numel + i;

@@ -11,12 +11,6 @@
 namespace fastdiff {
 namespace cpu {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FD_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FD_MULTIVERSION
-#endif
-
 namespace {
 
 constexpr uint64_t kLow32 = 0xFFFFFFFFull;

@@ -15,7 +15,7 @@ namespace cpu {
 namespace {
 
 template <typename S, bool PHILOX>
-void q_sample_chunk(const FdQSampleArgs& a, math_t<S> ca, math_t<S> cb, int64_t b, int64_t i, int64_t len,
+FD_MULTIVERSION void q_sample_chunk(const FdQSampleArgs& a, math_t<S> ca, math_t<S> cb, int64_t b, int64_t i, int64_t len,
                     const float* __restrict normals) {
   const int64_t base = b * a.numel + i;
   const S* __restrict x0 = static_cast<const S*>(a.x0) + base;
