@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
 import os
 import shutil
@@ -23,9 +22,7 @@ from typing import Callable
 
 import torch
 
-# `fastdiff.backends` is the module's report() function once fastdiff is imported (the package
-# defines `def backends()`), so take the module itself from sys.modules.
-backends = importlib.import_module("fastdiff.backends")
+from fastdiff import backends
 
 # ---- sizes and dtypes -------------------------------------------------------------------------
 SIZES: dict[str, tuple[int, ...]] = {
@@ -68,21 +65,9 @@ def skip_reason(provider: str, device: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
 def forced_backend(provider: str):
     """FASTDIFF_BACKEND set for a fastdiff provider (the public op then runs that backend)."""
-    name = FASTDIFF_BACKEND.get(provider)
-    old = os.environ.get(backends.ENV_VAR)
-    if name is not None:
-        os.environ[backends.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if name is not None:
-            if old is None:
-                os.environ.pop(backends.ENV_VAR, None)
-            else:
-                os.environ[backends.ENV_VAR] = old
+    return backends.forced(FASTDIFF_BACKEND.get(provider))
 
 
 def compiled(fn: Callable) -> Callable:

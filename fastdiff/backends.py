@@ -7,6 +7,7 @@ run raises with every reason. `fastdiff.backends()` prints the table.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -111,6 +112,21 @@ def select(op: str, tensor: torch.Tensor) -> ModuleType:
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"no backend can run fastdiff.{op} on {device_type} tensors "
                        f"({ENV_VAR}={forced!r}): " + "; ".join(reasons))
+
+
+@contextlib.contextmanager
+def forced(name: str | None):
+    """Run the block with FASTDIFF_BACKEND=name (None: leave the selection as it is)."""
+    old = os.environ.get(ENV_VAR)
+    if name is not None:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def status(device_types=("cpu", "cuda")) -> list[tuple[str, str, str]]:

@@ -5,7 +5,6 @@ Tolerances (DESIGN "Correctness"): fp32 atol=1e-6 rtol=1e-5; fp64 atol=1e-12 rto
 fp16/bf16: max error vs the fp32 reference <= 2x the reference's own error in that dtype + 1e-3.
 With FASTDIFF_REQUIRE_CPP=1 (CI) a missing extension fails every test instead of skipping it.
 """
-import importlib
 import os
 import pathlib
 import re
@@ -28,7 +27,7 @@ except Exception as error:  # the wrapper itself failed
     C, REASON = None, f"fastdiff._cpp failed to import: {error}"
 REQUIRE = os.environ.get("FASTDIFF_REQUIRE_CPP") == "1"
 pytestmark = pytest.mark.skipif(REASON is not None and not REQUIRE, reason=f"C++ extension unavailable: {REASON}")
-B = importlib.import_module("fastdiff.backends")  # fastdiff.backends is the report function
+from fastdiff import backends as B  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 ABAR = S.alphas_cumprod_from_betas(S.linear_betas(1000, 1e-4, 0.02))

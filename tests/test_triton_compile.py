@@ -90,7 +90,9 @@ def _compile(kernel: str, arch: int, dtype: str, constexprs: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    importlib.import_module("fastdiff.backends").load("triton")
+    from fastdiff import backends
+
+    backends.load("triton")
     module = importlib.import_module(f"fastdiff.kernels.{kernel}")
     common = importlib.import_module("fastdiff.kernels._common")
     fn = getattr(module, f"_{kernel}_kernel")

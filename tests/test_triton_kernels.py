@@ -15,7 +15,7 @@ from fastdiff import noise as N
 from fastdiff import reference as R
 from fastdiff import tables as T
 
-backends = importlib.import_module("fastdiff.backends")  # fastdiff.backends is also a function name
+from fastdiff import backends  # noqa: E402
 K = backends.load("triton")
 KC = importlib.import_module("fastdiff.kernels._common")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

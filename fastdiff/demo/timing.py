@@ -3,8 +3,6 @@ eager reference backend and by fastdiff's default backend (and a CUDA graph on a
 largest difference between runs that should agree."""
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -47,21 +45,6 @@ class Row:
     max_abs_diff: float | None = None
 
 
-@contextlib.contextmanager
-def forced_backend(name: str | None):
-    """FASTDIFF_BACKEND=name for the duration (read at every op call, see fastdiff.backends)."""
-    old = os.environ.get(backends.ENV_VAR)
-    if name is not None:
-        os.environ[backends.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(backends.ENV_VAR, None)
-        else:
-            os.environ[backends.ENV_VAR] = old
-
-
 def default_backend(device: torch.device) -> str:
     module = backends.select("ddpm_step", torch.empty(0, device=device))
     return BACKEND_OF_MODULE.get(module.__name__, module.__name__)
@@ -82,7 +65,7 @@ def run_fastdiff(job: SamplingJob, backend: str | None = None, cuda_graph: bool 
     """fastdiff.loop.sample on `backend` (None: the default), after an untimed 2-step warm-up."""
     noise = {"generator": torch.Generator().manual_seed(generator_seed)} if generator_seed is not None else {
         "seed": job.seed}
-    with forced_backend(backend):
+    with backends.forced(backend):
         sample(job.model, job.sampler, job.shape, num_inference_steps=2, device=job.device, progress=False,
                cuda_graph=cuda_graph, seed=job.seed, **job.model_kwargs())
         return _timed(lambda: sample(job.model, job.sampler, job.shape, num_inference_steps=job.steps,
