@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ]
     timing_path = args.out / "timing.md"
     header = (f"Sampling {args.num_samples} digits, {args.sampler} {args.sample_steps} steps, {guidance}, on "
-              f"{device} ({torch.get_num_threads()} CPU threads). Time includes the denoiser; warm-up excluded.")
+              f"{device} ({torch.get_num_threads()} CPU threads). Time includes the denoiser; best of 3 runs after a warm-up.")
     timing_path.write_text(header + "\n\n" + table + "\n")
     print("\n" + header + "\n" + table + "\n")
     print("[files] " + ", ".join(str(p) for p in [*written, timing_path, args.out / "model.pt"]))
