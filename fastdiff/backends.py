@@ -44,20 +44,21 @@ def _import_kernels() -> ModuleType:
         return module
 
 
-def _triton_reason(device_type: str, dtype: torch.dtype | None = None) -> str | None:
+def _triton_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     if dtype == torch.float64:
         return "the Triton kernels store fp32/fp16/bf16 only (float64 runs on cpp or reference)"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if device_type == "cuda":
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device"
-        if torch.version.hip is None and torch.cuda.get_device_capability() < (7, 5):
-            return f"GPU compute capability {torch.cuda.get_device_capability()} < (7, 5)"
+        capability = torch.cuda.get_device_capability(device)  # the tensor's GPU, not the current one
+        if torch.version.hip is None and capability < (7, 5):
+            return f"GPU compute capability {capability} < (7, 5)"
         return None
-    if device_type == "cpu":
+    if device.type == "cpu":
         return None if _interpreting() else "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
-    return f"device type {device_type!r} is not supported"
+    return f"device type {device.type!r} is not supported"
 
 
 def _cpp_reason(device_type: str) -> str | None:
@@ -68,14 +69,15 @@ def _cpp_reason(device_type: str) -> str | None:
     return cpp.unavailable_reason(device_type)
 
 
-def unavailable_reason(name: str, device_type: str, dtype: torch.dtype | None = None) -> str | None:
-    """None when backend `name` can run tensors of `device_type` (and `dtype`), else why not."""
+def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str | None:
+    """None when backend `name` can run tensors on `device` (and of `dtype`), else why not."""
+    device = torch.device(device)
     if name == "reference":
         return None
     if name == "triton":
-        return _triton_reason(device_type, dtype)
+        return _triton_reason(device, dtype)
     if name == "cpp":
-        return _cpp_reason(device_type)
+        return _cpp_reason(device.type)
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
 
@@ -99,18 +101,26 @@ def _candidates(device_type: str, forced: str | None) -> tuple[str, ...]:
 
 
 def select(op: str, tensor: torch.Tensor) -> ModuleType:
-    """The backend module that runs `op` on `tensor`'s device (first available in order)."""
-    device_type, forced = tensor.device.type, _forced()
+    """The backend module that runs `op` on `tensor`'s device and dtype (first available in order).
+
+    Cached per (op, device, dtype, FASTDIFF_BACKEND): after the first call of a kind, one dict lookup.
+    """
+    return _select(op, tensor.device, tensor.dtype, os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=None)
+def _select(op: str, device: torch.device, dtype: torch.dtype, forced_env: str | None) -> ModuleType:
+    forced = _forced()
     reasons = []
-    for name in _candidates(device_type, forced):
-        reason = unavailable_reason(name, device_type, tensor.dtype)
+    for name in _candidates(device.type, forced):
+        reason = unavailable_reason(name, device, dtype)
         if reason is None:
             module = load(name)
             if hasattr(module, op):
                 return module
             reason = f"does not implement {op}"
         reasons.append(f"{name}: {reason}")
-    raise RuntimeError(f"no backend can run fastdiff.{op} on {device_type} tensors "
+    raise RuntimeError(f"no backend can run fastdiff.{op} on {device.type} tensors "
                        f"({ENV_VAR}={forced!r}): " + "; ".join(reasons))
 
 

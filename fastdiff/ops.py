@@ -1,18 +1,36 @@
-"""Public fused ops, each registered once with torch.library in the `fastdiff` namespace.
+"""The fused ops: `step` (the generic step of every sampler), `q_sample` (training noising and its
+target) and `cfg_combine`, each registered once with torch.library in the `fastdiff` namespace.
 
-Every op runs on the backend `backends.select` picks (Triton on CUDA, the C++ extension on CPU,
-the eager reference anywhere) with the same signature, so each backend module (kernels/,
-fastdiff/_cpp.py, fastdiff/eager.py) defines one function per op with exactly these arguments.
+Two ways in, same bits (tested):
+- the registered custom ops (`torch.ops.fastdiff.*`, what torch.compile and tracing see), which
+  allocate their outputs and call the selected backend;
+- the eager fast path (`run_step`, `run_q_sample`): straight to the backend's function, with
+  optional output buffers (`out=sample` steps in place). Samplers call these.
 
-Shared conventions:
-- `coefs` is one row of a `fastdiff.tables` table (float32 [WIDTH], on the sample's device).
-- Noise: `noise` is used as given when not None; else normals of the Philox stream
-  (`fastdiff.noise`) with key `seed`, counter = the row's TIMESTEP (steps) or 0 (q_sample), and
-  global sample index = `sample_offset` + index in the batch.
-- CFG: with `guidance_scale` not None, `model_output` is the [uncond; cond] batch (2B) of a
-  sample batch B, combined as u + w (c - u) inside the step.
-- Outputs have the sample's dtype and shape (`torch.empty_like` layout); an output not asked for
-  (`write_x0=False`, ...) is an empty tensor of shape (0,).
+Every backend module (fastdiff/eager.py, fastdiff/_cpp.py, kernels/) defines the same
+out-variant functions:
+
+    step(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset,
+         guidance_scale, guidance_extra, extra_scale, variance, clip_range, threshold,
+         history_reads, write_history, write_out2, advance) -> None
+    q_sample(x0, table, index, noise, seed, sample_offset, x_t, target, noise_out) -> None
+    cfg_combine(uncond, cond, guidance_scale) -> Tensor
+
+Semantics (the reference, fastdiff/eager.py, is the ground truth):
+- `table` [R, tables.WIDTH] float32 and `index` int64 [1] on the sample's device: the step reads
+  row `index` (the NaN sentinel row R - 1 when the index is outside [0, R - 1)); with `advance`
+  it then adds 1 to `index` on the device (the sampler's step counter).
+- `model_output` is [B or 2B (guidance: [uncond; cond]), C or 2C ([prediction; variance]), ...]
+  for a sample [B, C, ...]; `guidance_extra` (SD3 skip-layer) is a [B, ...] prediction.
+- Noise: `noise` as given; else, with `seed`, Philox normals (fastdiff.noise) with counter
+  row[NOISE_COUNTER], global sample index `sample_offset` + b, stream STREAM_STEP; with neither,
+  the step has no noise terms.
+- `history` [S, *sample.shape]: the row's READ_SLOT[:history_reads] are read; `hist` and `out2`
+  are written into the slots the row names when `write_history` / `write_out2`. An empty tensor
+  when the sampler keeps no history.
+- `out` receives prev_sample (it may be `sample` itself), `x0_out` the clipped x0 when not None.
+- q_sample: per sample b, row `index[b]` of a [R, tables.Q_WIDTH] table; noise as given or
+  Philox (counter 0, stream STREAM_Q_SAMPLE) rounded to x0's dtype; `noise_out` receives it.
 """
 from __future__ import annotations
 
@@ -29,50 +47,40 @@ def _like(x: Tensor, wanted: bool = True) -> Tensor:
     return torch.empty_like(x) if wanted else x.new_empty((0,))
 
 
-@torch.library.custom_op("fastdiff::ddpm_step", mutates_args=())
-def ddpm_step(model_output: Tensor, sample: Tensor, coefs: Tensor, noise: Optional[Tensor], seed: int,
-              sample_offset: int, prediction_type: str, variance_type: str, clip_sample_range: Optional[float],
-              threshold: Optional[Tensor], guidance_scale: Optional[float], write_x0: bool) -> tuple[Tensor, Tensor]:
-    """DDPM reverse step (see reference.ddpm_step). Returns (prev_sample, pred_original_sample)."""
-    impl = backends.select("ddpm_step", sample)
-    return impl.ddpm_step(model_output, sample, coefs, noise, seed, sample_offset, prediction_type, variance_type,
-                          clip_sample_range, threshold, guidance_scale, write_x0)
+@torch.library.custom_op("fastdiff::step", mutates_args=("index", "history"))
+def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor,
+         noise: Optional[Tensor], seed: Optional[int], sample_offset: int, guidance_scale: Optional[float],
+         guidance_extra: Optional[Tensor], extra_scale: float, variance: int, clip_range: Optional[float],
+         threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool, advance: bool,
+         write_x0: bool) -> tuple[Tensor, Tensor]:
+    """The generic step (fastdiff.tables). Returns (prev_sample, pred_original_sample or (0,))."""
+    prev, x0 = _like(sample), _like(sample, write_x0)
+    backends.select("step", sample).step(
+        model_output, sample, table, index, history, prev, x0 if write_x0 else None, noise, seed, sample_offset,
+        guidance_scale, guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
+        write_out2, advance)
+    return prev, x0
 
 
-@ddpm_step.register_fake
-def _(model_output, sample, coefs, noise, seed, sample_offset, prediction_type, variance_type, clip_sample_range,
-      threshold, guidance_scale, write_x0):
-    return _like(sample), _like(sample, write_x0)
-
-
-@torch.library.custom_op("fastdiff::ddim_step", mutates_args=())
-def ddim_step(model_output: Tensor, sample: Tensor, coefs: Tensor, noise: Optional[Tensor], seed: int,
-              sample_offset: int, prediction_type: str, eta: float, use_clipped_model_output: bool,
-              clip_sample_range: Optional[float], threshold: Optional[Tensor], guidance_scale: Optional[float],
-              write_x0: bool) -> tuple[Tensor, Tensor]:
-    """DDIM step (see reference.ddim_step); noise is added only when eta > 0."""
-    impl = backends.select("ddim_step", sample)
-    return impl.ddim_step(model_output, sample, coefs, noise, seed, sample_offset, prediction_type, eta,
-                          use_clipped_model_output, clip_sample_range, threshold, guidance_scale, write_x0)
-
-
-@ddim_step.register_fake
-def _(model_output, sample, coefs, noise, seed, sample_offset, prediction_type, eta, use_clipped_model_output,
-      clip_sample_range, threshold, guidance_scale, write_x0):
+@step.register_fake
+def _(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale, guidance_extra,
+      extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2, advance, write_x0):
     return _like(sample), _like(sample, write_x0)
 
 
 @torch.library.custom_op("fastdiff::q_sample", mutates_args=())
-def q_sample(x0: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int,
-             sample_offset: int, write_noise: bool, write_v: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward noising with per-sample timesteps. Returns (x_t, noise or empty, v-target or empty)."""
-    impl = backends.select("q_sample", x0)
-    return impl.q_sample(x0, timesteps, alphas_cumprod, noise, seed, sample_offset, write_noise, write_v)
+def q_sample(x0: Tensor, table: Tensor, index: Tensor, noise: Optional[Tensor], seed: int, sample_offset: int,
+             write_target: bool, write_noise: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward noising with one row per sample. Returns (x_t, target or (0,), noise or (0,))."""
+    x_t, target, noise_out = _like(x0), _like(x0, write_target), _like(x0, write_noise)
+    backends.select("q_sample", x0).q_sample(x0, table, index, noise, seed, sample_offset, x_t,
+                                             target if write_target else None, noise_out if write_noise else None)
+    return x_t, target, noise_out
 
 
 @q_sample.register_fake
-def _(x0, timesteps, alphas_cumprod, noise, seed, sample_offset, write_noise, write_v):
-    return _like(x0), _like(x0, write_noise), _like(x0, write_v)
+def _(x0, table, index, noise, seed, sample_offset, write_target, write_noise):
+    return _like(x0), _like(x0, write_target), _like(x0, write_noise)
 
 
 @torch.library.custom_op("fastdiff::cfg_combine", mutates_args=())
@@ -84,3 +92,38 @@ def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
 @cfg_combine.register_fake
 def _(uncond, cond, guidance_scale):
     return _like(cond)
+
+
+# ---- the eager fast path --------------------------------------------------------------------------
+def _traced(x: Tensor) -> bool:
+    """True under torch.compile / tracing (fake or proxy tensors): then the registered op must run."""
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling()
+
+
+def run_step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor,
+             noise: Optional[Tensor], seed: Optional[int], sample_offset: int, guidance_scale: Optional[float],
+             guidance_extra: Optional[Tensor], extra_scale: float, variance: int, clip_range: Optional[float],
+             threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool, advance: bool,
+             write_x0: bool, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`step` without the dispatcher: the backend's function on (optionally) the caller's `out` buffer."""
+    if _traced(sample):
+        return step(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale,
+                    guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
+                    write_out2, advance, write_x0)
+    prev = torch.empty_like(sample) if out is None else out
+    x0 = _like(sample, write_x0)
+    backends.select("step", sample).step(
+        model_output, sample, table, index, history, prev, x0 if write_x0 else None, noise, seed, sample_offset,
+        guidance_scale, guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
+        write_out2, advance)
+    return prev, x0
+
+
+def run_q_sample(x0: Tensor, table: Tensor, index: Tensor, noise: Optional[Tensor], seed: int, sample_offset: int,
+                 write_target: bool, write_noise: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _traced(x0):
+        return q_sample(x0, table, index, noise, seed, sample_offset, write_target, write_noise)
+    x_t, target, noise_out = _like(x0), _like(x0, write_target), _like(x0, write_noise)
+    backends.select("q_sample", x0).q_sample(x0, table, index, noise, seed, sample_offset, x_t,
+                                             target if write_target else None, noise_out if write_noise else None)
+    return x_t, target, noise_out

@@ -1,130 +1,121 @@
-"""Per-step coefficient tables: the device state a step reads (see DESIGN "How a call flows").
+"""Step tables: a step is a row of numbers (DESIGN "The step engine").
 
-A sampler computes, once in `set_timesteps`, a float32 table of shape [T + 1, WIDTH] indexed by
-the timestep itself (T = num_train_timesteps): row t holds every scalar a step at timestep t
-needs, derived in float64 from diffusers' float32 `alphas_cumprod`; row T (and every row of a
-timestep outside the schedule) is NaN, so a bad device-side timestep gives NaN, never a silent
-wrong sample. A step gathers one row (`row_index`): a view for a host timestep, a device gather
-for a device timestep; no host synchronisation either way.
+Every sampler computes, per element, the same few lines (fastdiff.reference.step is the ground
+truth; kernels/step.py, csrc/step_math.h and fastdiff/eager.py implement them):
 
-Column layout (shared by the reference, the Triton kernels and csrc/step_coefs.h):
+    m    = u + w (c - u) + w2 (c - e)          guidance (CFG, Ho & Salimans 2022 eq. 6; SD3 skip-layer)
+    x    = sample + PRE_NOISE n                 noise added before the update (Euler's churn)
+    x0   = clip((X0_X x + X0_M m) X0_SCALE)     the prediction type as numbers; clipping or thresholding
+    out  = OUT_X x + OUT_M m + OUT_X0 x0 + sum_k OUT_H[k] h_k + std n          -> prev_sample
+    out2 = OUT2_X x + OUT2_M m + OUT2_X0 x0 + sum_k OUT2_H[k] h_k             -> history[OUT2_SLOT]
+    hist = HIST_X x + HIST_M m + HIST_X0 x0                                   -> history[HIST_SLOT]
+
+with h_k = history[READ_SLOT[k]] and std = NOISE_STD (fixed variance) or NOISE_STD times a
+per-element factor from the model's variance channels v: sqrt(max(v, 0)) ("sqrt" mode, diffusers'
+`learned`) or exp(VAR_BIAS + VAR_SLOPE v) ("exp" mode: IDDPM's `learned_range`, a log-variance).
+
+A sampler is a table builder: `set_timesteps` computes one float32 row per step (or per timestep
+for DDPM / DDIM, which diffusers keys by the timestep value) plus a last all-NaN sentinel row;
+a step reads the row its device index points at, and an index outside the table reads the
+sentinel, so a bad device-side index gives NaN, never a silent wrong sample. The history is a
+[slots, *sample.shape] buffer of the sampler's; rows name the slots they read and write (a row
+never writes a slot it reads), so the order in force at each step is data, not control flow.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
-WIDTH = 8
+# ---- the step row ------------------------------------------------------------------------------
+NOISE_COUNTER = 0  # Philox step counter of this row's noise (an integer, exact below 2**24)
+X0_X, X0_M, X0_SCALE = 1, 2, 3  # x0 = (X0_X x + X0_M m) X0_SCALE, before clipping
+PRE_NOISE = 4  # x = sample + PRE_NOISE n
+OUT_X, OUT_M, OUT_X0 = 5, 6, 7
+OUT_H = (8, 9, 10, 11)
+NOISE_STD = 12
+OUT2_X, OUT2_M, OUT2_X0 = 13, 14, 15
+OUT2_H = (16, 17, 18, 19)
+HIST_X, HIST_M, HIST_X0 = 20, 21, 22
+READ_SLOT = (23, 24, 25, 26)  # history slots read as h_1 .. h_4
+HIST_SLOT = 27  # slot `hist` is written to
+OUT2_SLOT = 28  # slot `out2` is written to
+VAR_BIAS, VAR_SLOPE = 29, 30  # "exp" variance mode: std = NOISE_STD exp(VAR_BIAS + VAR_SLOPE v)
+INPUT_DIVISOR = 31  # scale_model_input: sample / INPUT_DIVISOR (Euler: sqrt(sigma^2 + 1))
+WIDTH = 32
+MAX_HISTORY_READS = len(READ_SLOT)
 
-# Columns common to every step table.
-TIMESTEP = 0  # t as a float (exact below 2**24): the Philox step counter of this step's noise
-SQRT_ABAR = 1  # sqrt(abar_t)
-SQRT_1M_ABAR = 2  # sqrt(1 - abar_t)
+COLUMNS = {
+    "noise_counter": NOISE_COUNTER, "x0_x": X0_X, "x0_m": X0_M, "x0_scale": X0_SCALE, "pre_noise": PRE_NOISE,
+    "out_x": OUT_X, "out_m": OUT_M, "out_x0": OUT_X0, "noise_std": NOISE_STD,
+    "out2_x": OUT2_X, "out2_m": OUT2_M, "out2_x0": OUT2_X0, "hist_x": HIST_X, "hist_m": HIST_M, "hist_x0": HIST_X0,
+    "hist_slot": HIST_SLOT, "out2_slot": OUT2_SLOT, "var_bias": VAR_BIAS, "var_slope": VAR_SLOPE,
+    "input_divisor": INPUT_DIVISOR,
+    **{f"out_h{k + 1}": c for k, c in enumerate(OUT_H)},
+    **{f"out2_h{k + 1}": c for k, c in enumerate(OUT2_H)},
+    **{f"read_slot{k + 1}": c for k, c in enumerate(READ_SLOT)},
+}
+DEFAULTS = {"x0_scale": 1.0, "input_divisor": 1.0}  # every other column defaults to 0
 
-# DDPM (Ho et al. 2020, eq. 6-7), prev = previous timestep of the schedule:
-DDPM_C_X0 = 3  # sqrt(abar_prev) beta_t / (1 - abar_t)            posterior mean coefficient of x0
-DDPM_C_XT = 4  # sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t)      posterior mean coefficient of x_t
-DDPM_STD = 5  # noise std for fixed variance types; a 0/1 gate for learned ones; 0 when t == 0
-DDPM_MIN_LOG = 6  # log of the clamped posterior variance (learned_range lower end)
-DDPM_MAX_LOG = 7  # log beta_t (learned_range upper end)
+# How the noise std of a step is formed (the `variance` argument of the step op).
+VAR_FIXED, VAR_SQRT, VAR_EXP = 0, 1, 2
+VARIANCE_MODES = {"fixed": VAR_FIXED, "sqrt": VAR_SQRT, "exp": VAR_EXP}
 
-# DDIM (Song et al. 2021, eq. 12 and 16), prev = t - T // num_inference_steps:
-DDIM_SQRT_ABAR_PREV = 3  # sqrt(abar_prev)
-DDIM_1M_ABAR_PREV = 4  # 1 - abar_prev
-DDIM_SIGMA = 5  # sigma_t at eta = 1: sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))
-
-# Variance types, as ints for the kernels (names as in diffusers' `variance_type`).
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-VAR_FIXED, VAR_LEARNED, VAR_LEARNED_RANGE = 0, 1, 2  # how a kernel gets the std of the noise
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # kernel code = index in this tuple
-
-
-def variance_mode(variance_type: str) -> int:
-    return {"learned": VAR_LEARNED, "learned_range": VAR_LEARNED_RANGE}.get(variance_type, VAR_FIXED)
-
-
-def prediction_code(prediction_type: str) -> int:
-    return PREDICTION_TYPES.index(prediction_type)
-
-
-def _empty_rows(num_train_timesteps: int) -> list[list[float]]:
-    return [[math.nan] * WIDTH for _ in range(num_train_timesteps + 1)]
-
-
-def _as_table(rows: list[list[float]]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64).float()  # derived in float64, stored in float32
+# ---- the q-sample row (training noising, DDPM eq. 4, and its regression target) ------------------
+# x_t = Q_A x0 + Q_B n;  target = Q_P x0 + Q_Q n
+Q_A, Q_B, Q_P, Q_Q = 0, 1, 2, 3
+Q_WIDTH = 4
 
 
-def _fill_common(row: list[float], t: int, abar_t: float) -> None:
-    row[TIMESTEP] = float(t)
-    row[SQRT_ABAR] = math.sqrt(abar_t)
-    row[SQRT_1M_ABAR] = math.sqrt(1.0 - abar_t)
+def step_table(num_rows: int, *, dtype: torch.dtype = torch.float64, **columns) -> torch.Tensor:
+    """A float32 step table [num_rows + 1, WIDTH] from named columns; the last row is all NaN.
 
-
-def ddpm_noise_std(variance_type: str, posterior_variance: float, beta_t: float) -> float:
-    """std of the noise for fixed variance types (diffusers' `_get_variance`, then its sqrt).
-
-    fixed_large_log: diffusers returns log(beta_t) and then takes its square root (NaN, since
-    log(beta_t) < 0). We read the value as what it names, a log-variance: std = exp(log(beta_t)/2)
-    = sqrt(beta_t), the same noise as fixed_large. Learned types: a 1.0 gate (std comes from the
-    model output per element).
+    Each keyword is a column name of COLUMNS, given as a number or a [num_rows] tensor (computed
+    in `dtype`, float64 or float32, then rounded once to float32). Columns not given are 0
+    (X0_SCALE and INPUT_DIVISOR: 1); NOISE_COUNTER defaults to the row index.
     """
-    if variance_type in ("fixed_small", "fixed_small_log"):
-        return math.sqrt(max(posterior_variance, 1e-20))  # DDPM sec. 3.2, sigma^2 = beta~_t
-    if variance_type in ("fixed_large", "fixed_large_log"):
-        return math.sqrt(beta_t)  # DDPM sec. 3.2, sigma^2 = beta_t
-    return 1.0
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown step-table columns {unknown}; known: {sorted(COLUMNS)}")
+    table = torch.zeros(num_rows + 1, WIDTH, dtype=dtype)
+    table[:, NOISE_COUNTER] = torch.arange(num_rows + 1, dtype=dtype)
+    for name, default in DEFAULTS.items():
+        table[:, COLUMNS[name]] = default
+    for name, value in columns.items():
+        value = torch.as_tensor(value, dtype=dtype)
+        if value.ndim not in (0, 1) or (value.ndim == 1 and value.shape[0] != num_rows):
+            raise ValueError(f"column {name} must be a number or have {num_rows} entries, got shape {tuple(value.shape)}")
+        table[:num_rows, COLUMNS[name]] = value
+    table[num_rows] = math.nan
+    check_history_slots(table[:num_rows])
+    return table.to(torch.float32)
 
 
-def ddpm_table(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], variance_type: str) -> torch.Tensor:
-    """Rows for the timesteps of a DDPM schedule; prev of timesteps[i] is timesteps[i + 1] (or -1)."""
-    abar = alphas_cumprod.to(torch.float32).double().tolist()  # diffusers' float32 values, exactly
-    table = _empty_rows(len(abar))
-    steps = [int(t) for t in timesteps]
-    for i, t in enumerate(steps):
-        prev = steps[i + 1] if i + 1 < len(steps) else -1
-        abar_t, abar_prev = abar[t], (abar[prev] if prev >= 0 else 1.0)
-        alpha_t = abar_t / abar_prev  # the "current" alpha between two schedule entries
-        beta_t = 1.0 - alpha_t
-        posterior_variance = (1.0 - abar_prev) / (1.0 - abar_t) * beta_t  # DDPM eq. 7, beta~_t
-        row = table[t]
-        _fill_common(row, t, abar_t)
-        row[DDPM_C_X0] = math.sqrt(abar_prev) * beta_t / (1.0 - abar_t)  # DDPM eq. 7
-        row[DDPM_C_XT] = math.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t)  # DDPM eq. 7
-        row[DDPM_STD] = ddpm_noise_std(variance_type, posterior_variance, beta_t) if t > 0 else 0.0
-        row[DDPM_MIN_LOG] = math.log(max(posterior_variance, 1e-20))  # Improved DDPM eq. 15
-        row[DDPM_MAX_LOG] = math.log(beta_t) if beta_t > 0 else -math.inf
-    return _as_table(table)
+def check_history_slots(rows: torch.Tensor) -> None:
+    """A row never writes a history slot it reads (kernels read and write one slot buffer in one pass)."""
+    reads = rows[:, list(READ_SLOT)]
+    for slot, written, read_by in ((HIST_SLOT, [HIST_X, HIST_M, HIST_X0], OUT_H + OUT2_H),
+                                   (OUT2_SLOT, [OUT2_X, OUT2_M, OUT2_X0, *OUT2_H], OUT_H + OUT2_H)):
+        writes = rows[:, written].ne(0).any(1, keepdim=True)
+        read_used = (rows[:, list(read_by[:4])].ne(0) | rows[:, list(read_by[4:])].ne(0))
+        clash = writes & read_used & reads.eq(rows[:, slot:slot + 1])
+        if clash.any():
+            step = int(clash.any(1).nonzero()[0])
+            raise ValueError(f"step table row {step} writes history slot {int(rows[step, slot])} that it also reads")
 
 
-def ddim_table(alphas_cumprod: torch.Tensor, step_ratio: int, final_alpha_cumprod: float) -> torch.Tensor:
-    """Rows for every training timestep t; prev = t - step_ratio (DDIM, diffusers' rule)."""
-    abar = alphas_cumprod.to(torch.float32).double().tolist()
-    table = _empty_rows(len(abar))
-    for t, abar_t in enumerate(abar):
-        prev = t - step_ratio
-        abar_prev = abar[prev] if prev >= 0 else final_alpha_cumprod
-        row = table[t]
-        _fill_common(row, t, abar_t)
-        row[DDIM_SQRT_ABAR_PREV] = math.sqrt(abar_prev)
-        row[DDIM_1M_ABAR_PREV] = 1.0 - abar_prev
-        variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)  # DDIM eq. 16
-        row[DDIM_SIGMA] = math.sqrt(max(variance, 0.0))
-        row[6:] = [0.0, 0.0]
-    return _as_table(table)
+def q_sample_table(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """float32 [len(a) + 1, Q_WIDTH] rows (x_t = a x0 + b n, target = p x0 + q n) and a NaN sentinel row."""
+    rows = torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(len(a)) for v in (a, b, p, q)], dim=1)
+    return torch.cat([rows, torch.full((1, Q_WIDTH), math.nan, dtype=rows.dtype)]).to(torch.float32)
 
 
-def device_row_index(timestep: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Row index (shape [1]) of a device timestep; out-of-range ones map to the NaN row T (no sync)."""
-    t = timestep.reshape(1).to(torch.int64)
-    in_range = (t >= 0) & (t < num_train_timesteps)
-    return torch.where(in_range, t, torch.full_like(t, num_train_timesteps))
+def row_index(index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The row a kernel reads for `index`: itself inside [0, num_rows - 1), else the NaN sentinel."""
+    index = index.to(torch.int64)
+    return torch.where((index >= 0) & (index < num_rows - 1), index, torch.full_like(index, num_rows - 1))
 
 
-def gather_row(table: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The row of a device timestep by a gather. (`table[t]` with a 0-d tensor t would call
-    .item(), a host sync on an accelerator.)"""
-    return table.index_select(0, device_row_index(timestep, table.shape[0] - 1))[0]
+def gather_row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The row of a [1] device index, by a gather (never `table[0-d tensor]`, which calls .item())."""
+    return table.index_select(0, row_index(index.reshape(1), table.shape[0]))[0]

@@ -1,8 +1,21 @@
-"""What DDPMSampler and DDIMSampler share: schedule tables, timestep lookup, noise, validation,
-add_noise / get_velocity. Subclasses build their coefficient table and call their fused op."""
+"""What every sampler shares: the engine state a step reads and the one fused call every `step` makes.
+
+A sampler is a table builder (fastdiff.tables). `set_timesteps` builds its step table; `step`
+validates its inputs once per call signature, finds the row index without a host sync, picks
+the noise, and calls the generic fused op (`fastdiff.ops.run_step`). The state lives on the
+sample's device (gpt-fast style): the tables, a step counter (int64 [1]) the op advances, and
+the history ring buffer the op reads and writes.
+
+Two ways to find a row, as diffusers has them:
+- by timestep (DDPM, DDIM: `step(t)` works for any t of the schedule, in any order): the table
+  has one row per training timestep, and the row index is t itself (a view of a cached device
+  arange for a host t; the device tensor for a device t: no sync either way);
+- by step index (every sampler whose diffusers twin keeps `step_index`): the device counter,
+  set on the first step from `begin_index` or the first timestep, advanced by the op.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,8 +26,10 @@ from .. import reference as R
 from .. import schedules
 from .. import tables as T
 from .config import ConfigMixin
+from .output import SamplerOutput
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+TABLE_DTYPES = ("float32", "float64")
 
 
 def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
@@ -29,69 +44,207 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
 
 
-def _check_choice(name: str, value, allowed: Sequence) -> None:
+def check_choice(name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_vp_config(config, prediction_types: Sequence[str]) -> None:
+    """The options every beta-schedule sampler shares (diffusers' names)."""
+    check_choice("prediction_type", config["prediction_type"], prediction_types)
+    check_choice("timestep_spacing", config["timestep_spacing"], TIMESTEP_SPACINGS)
+    table_dtype(config["table_dtype"])
+    ratio = config.get("dynamic_thresholding_ratio", 0.995)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio!r}")
+
+
+def table_dtype(name: str) -> torch.dtype:
+    """The dtype coefficients are derived in: float32 (diffusers' values, in its operation order) or float64."""
+    check_choice("table_dtype", name, TABLE_DTYPES)
+    return torch.float32 if name == "float32" else torch.float64
 
 
 class BaseSampler(ConfigMixin):
     order = 1
     init_noise_sigma = 1.0
+    # How a step finds its row: by the timestep value (DDPM, DDIM) or by the device step counter.
+    keyed_by_timestep = False
+    # Whether `step` returns pred_original_sample (as the diffusers twin's output does).
+    returns_x0 = True
 
+    # ---- the schedule -------------------------------------------------------------------------
     def _init_schedule(self, config) -> None:
         """Validate the shared options and build diffusers' float32 beta / alpha tables."""
-        _check_choice("prediction_type", config.prediction_type, T.PREDICTION_TYPES)
-        _check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
         if config.trained_betas is None:
-            _check_choice("beta_schedule", config.beta_schedule, schedules.BETA_SCHEDULES)
-        for name in ("dynamic_thresholding_ratio",):
-            if not 0.0 < config[name] <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {config[name]!r}")
+            check_choice("beta_schedule", config.beta_schedule, schedules.BETA_SCHEDULES)
         self.betas = schedules.make_betas(config.num_train_timesteps, config.beta_start, config.beta_end,
                                           config.beta_schedule, config.trained_betas, config.rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = schedules.alphas_cumprod_from_betas(self.betas)
-        self.num_inference_steps: int | None = None
-        self.custom_timesteps = False
-        self._tables: dict[torch.device, torch.Tensor] = {}
-        self._abar_tables: dict[torch.device, torch.Tensor] = {}
+        self._reset_engine()
+
+    def _reset_engine(self) -> None:
+        """Forget tables, counter and history (set_timesteps builds them again)."""
+        self.num_inference_steps: Optional[int] = None
+        self._tables: dict[Any, torch.Tensor] = {}  # (options, device) -> step table on that device
+        self._table_config = None  # the config object the tables were built from
+        self._counter: Optional[torch.Tensor] = None
+        self._history: Optional[torch.Tensor] = None
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+        self._index_pending = True  # counter samplers: the first step still has to find its index
+        self._checked: set = set()
+        self._device_cache: dict = {}
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        return sample  # DDPM/DDIM inputs need no scaling (init_noise_sigma = 1)
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample  # DDPM / DDIM inputs need no scaling (init_noise_sigma = 1)
 
-    # ---- the coefficient table -------------------------------------------------------------
-    def _set_table(self, table: torch.Tensor, device) -> None:
-        self._tables = {torch.device(device or "cpu"): table.to(device)}
-
-    def _table_on(self, device: torch.device) -> torch.Tensor:
-        """The table on `device` (copied once per device, then cached)."""
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = next(iter(self._tables.values())).to(device)
-        return table
-
-    def _check_host_timestep(self, t: int) -> None:
+    # ---- tables -------------------------------------------------------------------------------
+    def _build_table(self, **options) -> torch.Tensor:
+        """The float32 step table for the current schedule and these step options (subclasses)."""
         raise NotImplementedError
 
-    def _row(self, timestep, device: torch.device) -> torch.Tensor:
-        """The coefficient row of `timestep`: a host lookup (a view) or a device gather; never a sync."""
-        table = self._table_on(device)
+    def _table(self, device: torch.device, **options) -> torch.Tensor:
+        """The step table for `options` on `device`: built once per schedule and options, copied once per device.
+
+        A pipeline may replace the config (diffusers' `_internal_dict`) after set_timesteps: tables
+        built from another config object are rebuilt.
+        """
+        if self.config is not self._table_config:
+            self._tables, self._table_config = {}, self.config
+        key = (tuple(sorted(options.items())), device)
+        table = self._tables.get(key)
+        if table is None:
+            host = self._tables.get((key[0], None))
+            if host is None:
+                host = self._tables[(key[0], None)] = self._build_table(**options)
+            table = self._tables[key] = host.to(device)
+        return table
+
+    # ---- row index ------------------------------------------------------------------------------
+    def _on(self, device: torch.device, name: str, make):
+        """A small per-device constant (cached)."""
+        value = self._device_cache.get((name, device))
+        if value is None:
+            value = self._device_cache[(name, device)] = make(device)
+        return value
+
+    def _timestep_index(self, timestep, device: torch.device) -> torch.Tensor:
+        """Row index of a timestep-keyed table: t itself, as an int64 [1] tensor on `device`, no sync."""
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
             if timestep.device.type != "cpu" or torch.compiler.is_compiling():
-                return T.gather_row(table, timestep.to(device))
+                return timestep.reshape(1).to(device=device, dtype=torch.int64)  # out of range: the NaN row
         elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             raise TypeError(f"timestep must be an int or a 1-element tensor, got {type(timestep).__name__}")
         t = int(timestep)
         self._check_host_timestep(t)
-        return table[t]
+        arange = self._on(device, "arange", lambda d: torch.arange(self.config.num_train_timesteps + 1, device=d))
+        return arange[t:t + 1]  # a view: no kernel
+
+    def _check_host_timestep(self, t: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The index of the next step (diffusers' `step_index`): None before the first step."""
+        if self._step_index is None and not self._index_pending and self._counter is not None:
+            self._step_index = int(self._counter)  # found on the device: one read, when asked
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """The index of the first step (pipelines call this before the loop, as in diffusers)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
+        self._begin_index = int(begin_index)
+        if self._counter is not None:
+            self._counter.fill_(self._begin_index)
+            self._index_pending, self._step_index = False, self._begin_index
+
+    def _start_counter(self, device) -> None:
+        """set_timesteps for counter samplers: a fresh counter on `device`, no history yet."""
+        self._counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self._history = None
+        self._step_index, self._begin_index, self._index_pending = None, None, True
+
+    def _counter_index(self, timestep, device: torch.device) -> torch.Tensor:
+        """The device step counter, found on the first step from begin_index or the timestep (diffusers'
+        `_init_step_index`: the second match when a timestep repeats, for img2img)."""
+        if self._counter is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) before step()")
+        if self._counter.device != device:
+            raise ValueError(f"the sampler's state is on {self._counter.device} but the sample is on {device}: "
+                             f"call set_timesteps(..., device={str(device)!r})")
+        if self._index_pending:
+            self._index_pending = False
+            if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+                self._counter.copy_(self._device_index_for_timestep(timestep))
+                self._step_index = None  # known on the device only
+            else:
+                self._step_index = self._host_index_for_timestep(timestep)
+                self._counter.fill_(self._step_index)
+        return self._counter
+
+    def _host_index_for_timestep(self, timestep) -> int:
+        t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        matches = np.flatnonzero(self._timesteps_host == t)
+        if len(matches) == 0:
+            raise ValueError(f"timestep {t!r} is not in the schedule set by set_timesteps")
+        return int(matches[1 if len(matches) > 1 else 0])
+
+    def _device_index_for_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Index of a device timestep in the device schedule, without a sync (no match: past the end, a NaN row)."""
+        schedule = self.timesteps.to(timestep.device)
+        matches = schedule == timestep.reshape(()).to(schedule.dtype)
+        rank = torch.cumsum(matches.to(torch.int64), 0)
+        wanted = torch.where(rank[-1] > 1, 2, 1)  # the second match when there are several
+        hit = matches & (rank == wanted)
+        index = torch.argmax(hit.to(torch.int64)).reshape(1)
+        return torch.where(hit.any(), index, torch.full_like(index, len(schedule)))
+
+    def _advance_host_index(self) -> None:
+        if self._step_index is not None and not torch.compiler.is_compiling():
+            self._step_index += 1
+
+    # ---- history ----------------------------------------------------------------------------
+    history_slots = 0  # slots of the history buffer (0: the sampler keeps none)
+    history_reads = 0  # how many of a row's READ_SLOT columns the step reads
+    writes_history = False
+    writes_out2 = False
+
+    def _history_for(self, sample: torch.Tensor) -> torch.Tensor:
+        """The history buffer [slots, *sample.shape], allocated (zeros) on the first step after set_timesteps."""
+        if self.history_slots == 0:
+            return self._on(sample.device, "no_history", lambda d: torch.empty(0, device=d))
+        history = self._history
+        if history is None:
+            history = self._history = sample.new_zeros((self.history_slots, *sample.shape),
+                                                       memory_format=torch.contiguous_format)
+        elif history.shape[1:] != sample.shape or history.dtype != sample.dtype or history.device != sample.device:
+            raise ValueError(f"sample has shape {tuple(sample.shape)} ({sample.dtype}, {sample.device}) but this "
+                             f"loop's history holds {tuple(history.shape[1:])} ({history.dtype}, {history.device}): "
+                             "a multistep sampler's samples keep one shape per loop; call set_timesteps to start a new one")
+        return history
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _check_step_inputs(self, model_output, sample, guidance_scale, learned_variance: bool) -> None:
+    def _check_step_inputs(self, model_output, sample, guidance_scale, variance_channels: bool = False,
+                           guidance_extra=None) -> None:
+        """Shapes, dtypes and devices of a step's tensors; checked once per call signature."""
+        key = (getattr(model_output, "shape", None), getattr(model_output, "dtype", None),
+               getattr(model_output, "device", None), getattr(sample, "shape", None), getattr(sample, "dtype", None),
+               getattr(sample, "device", None), guidance_scale is None, variance_channels,
+               None if guidance_extra is None else (guidance_extra.shape, guidance_extra.device))
+        if key in self._checked:
+            return
         for name, x in (("model_output", model_output), ("sample", sample)):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__}"
@@ -100,7 +253,8 @@ class BaseSampler(ConfigMixin):
             raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}; "
                              "they must be on the same device")
         batch = sample.shape[0] * (2 if guidance_scale is not None else 1)
-        channels = (sample.shape[1], 2 * sample.shape[1]) if learned_variance and sample.ndim > 1 else (sample.shape[1:2] or (None,))
+        channels = (sample.shape[1], 2 * sample.shape[1]) if variance_channels and sample.ndim > 1 \
+            else (sample.shape[1:2] or (None,))
         ok = (model_output.ndim == sample.ndim and model_output.shape[0] == batch
               and (sample.ndim < 2 or model_output.shape[1] in channels) and model_output.shape[2:] == sample.shape[2:])
         if not ok:
@@ -108,46 +262,85 @@ class BaseSampler(ConfigMixin):
             cfg = " ([uncond; cond] batch for guidance_scale)" if guidance_scale is not None else ""
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but a sample of shape "
                              f"{tuple(sample.shape)} needs {want}{cfg}")
+        if guidance_extra is not None:
+            if guidance_scale is None:
+                raise ValueError("guidance_extra (e.g. a skip-layer prediction) is a guidance term: pass guidance_scale too")
+            want = (sample.shape[0], *model_output.shape[1:])
+            if tuple(guidance_extra.shape) != want or guidance_extra.device != sample.device:
+                raise ValueError(f"guidance_extra must have shape {want} on {sample.device} (the conditional half of "
+                                 f"model_output), got {tuple(guidance_extra.shape)} on {guidance_extra.device}")
+        self._checked.add(key)
 
-    def _noise_args(self, sample, model_output, generator, variance_noise, seed, needs_noise: bool):
-        """(noise tensor or None, seed) for the fused op, per DESIGN "Noise"."""
-        given = [name for name, v in (("generator", generator), ("variance_noise", variance_noise), ("seed", seed))
-                 if v is not None]
-        if len(given) > 1:
+    def _noise(self, sample, model_output, generator, variance_noise, seed, needs_noise: bool):
+        """(noise tensor or None, seed or None) for the fused op, per DESIGN "Noise"."""
+        if generator is not None and (variance_noise is not None or seed is not None) or (
+                variance_noise is not None and seed is not None):
+            given = [n for n, v in (("generator", generator), ("variance_noise", variance_noise), ("seed", seed))
+                     if v is not None]
             raise ValueError(f"pass at most one of generator, variance_noise and seed; got {' and '.join(given)}")
         if variance_noise is not None:
             if variance_noise.shape != sample.shape or variance_noise.device != sample.device:
                 raise ValueError(f"variance_noise must match sample ({tuple(sample.shape)} on {sample.device}), "
                                  f"got {tuple(variance_noise.shape)} on {variance_noise.device}")
-            return variance_noise, 0
+            return variance_noise, None
         if not needs_noise:
-            return None, 0
+            return None, None
         if generator is not None:
-            return randn_like_diffusers(sample.shape, generator, sample.device, model_output.dtype), 0
+            return randn_like_diffusers(sample.shape, generator, sample.device, model_output.dtype), None
         return None, N.check_seed(seed) if seed is not None else N.draw_seed()
 
-    def _threshold(self, model_output, sample, coefs, guidance_scale, variance_type="fixed_small"):
-        """Per-sample s of dynamic thresholding, from the reference x0 (a separate reduction)."""
-        if not self.config.thresholding:
+    def _threshold(self, model_output, sample, table, index, guidance_scale, guidance_extra=None,
+                   extra_scale=0.0) -> Optional[torch.Tensor]:
+        """Per-sample s of dynamic thresholding, from x0 of the row (a reduction before the fused step)."""
+        if not self.config.get("thresholding", False):
             return None
-        m, _ = R.split_model_output(model_output, sample, variance_type, guidance_scale)
         dt = R.compute_dtype(sample)
-        c = coefs.to(dt)
-        x0 = R.predict_x0(m.to(dt), sample.to(dt), c[T.SQRT_ABAR], c[T.SQRT_1M_ABAR], self.config.prediction_type)
-        return R.dynamic_threshold_scale(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        row = T.gather_row(table, index).to(dt)
+        m, _ = R.guide(model_output, sample, guidance_scale, guidance_extra, extra_scale, dt)
+        x0 = (row[T.X0_X] * sample.to(dt) + row[T.X0_M] * m) * row[T.X0_SCALE]
+        return R.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
-    def _clip_range(self) -> float | None:
-        return float(self.config.clip_sample_range) if self.config.clip_sample and not self.config.thresholding else None
+    def _clip_range(self) -> Optional[float]:
+        config = self.config
+        if config.get("clip_sample", False) and not config.get("thresholding", False):
+            return float(config.clip_sample_range)
+        return None
+
+    # ---- the fused step ---------------------------------------------------------------------
+    variance_mode = T.VAR_FIXED  # how the step's noise std is formed (fastdiff.tables)
+
+    def _run_step(self, model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, index: torch.Tensor, *,
+                  noise: Optional[torch.Tensor], seed: Optional[int], sample_offset: int,
+                  guidance_scale: Optional[float], guidance_extra: Optional[torch.Tensor] = None,
+                  extra_scale: float = 0.0, advance: bool, out: Optional[torch.Tensor] = None,
+                  return_dict: bool = True, write_x0: Optional[bool] = None):
+        """One generic fused step on `table` row `index`; returns diffusers' output (or tuple)."""
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, (int, np.integer)) or sample_offset < 0:
+            raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+        threshold = self._threshold(model_output, sample, table, index, guidance_scale, guidance_extra, extra_scale)
+        write_x0 = self.returns_x0 if write_x0 is None else write_x0
+        prev, x0 = ops.run_step(model_output, sample, table, index, self._history_for(sample), noise, seed,
+                                int(sample_offset), guidance_scale, guidance_extra, float(extra_scale),
+                                self.variance_mode, self._clip_range(), threshold, self.history_reads,
+                                self.writes_history, self.writes_out2, advance, write_x0, out=out)
+        if advance:
+            self._advance_host_index()
+        if not return_dict:
+            return (prev, x0) if write_x0 else (prev,)
+        return SamplerOutput(prev_sample=prev, pred_original_sample=x0 if write_x0 else None)
 
     # ---- training-side helpers --------------------------------------------------------------
-    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
-        table = self._abar_tables.get(device)
-        if table is None:  # float32 abar plus a NaN sentinel row for out-of-range device timesteps
-            table = torch.cat([self.alphas_cumprod, torch.tensor([float("nan")])]).to(device)
-            self._abar_tables[device] = table
-        return table
+    def _q_sample_table(self, device: torch.device) -> torch.Tensor:
+        """[T + 1, Q_WIDTH] rows sqrt(abar_t), sqrt(1 - abar_t) as diffusers computes them (float32), targets eps."""
+        def make(d):
+            abar = self.alphas_cumprod.to(torch.float32)
+            a, b = abar ** 0.5, (1 - abar) ** 0.5
+            return T.q_sample_table(a, b, torch.zeros_like(a), torch.ones_like(a)).to(d)
+        return self._on(device, ("q_sample", id(self.alphas_cumprod)), make)
 
-    def _training_timesteps(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+    def training_timesteps(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        """[batch] int64 training timesteps on like's device (host values checked; device ones unchecked:
+        out of range reads the NaN row)."""
         T_ = self.config.num_train_timesteps
         t = torch.as_tensor(timesteps)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -159,25 +352,25 @@ class BaseSampler(ConfigMixin):
             bad = t[(t < 0) | (t >= T_)]
             if bad.numel():
                 raise ValueError(f"timesteps must be in [0, {T_}), got {bad.tolist()[:5]}")
-            t = t.to(like.device)
-        else:  # no sync: out-of-range device timesteps read the NaN row
-            t = torch.where((t >= 0) & (t < T_), t, torch.full_like(t, T_)).to(like.device)
-        return t.to(torch.int64).expand(like.shape[0]).contiguous()
+        return t.to(device=like.device, dtype=torch.int64).expand(like.shape[0]).contiguous()
 
-    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, write_v: bool):
+    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, velocity: bool):
         if noise.shape != x0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but {names} has shape {tuple(x0.shape)}")
-        t = self._training_timesteps(timesteps, x0)
-        abar = self._alphas_cumprod_on(x0.device)
-        return ops.q_sample(x0, t, abar, noise.to(x0.device), 0, 0, False, write_v)
+        table = self._q_sample_table(x0.device)
+        if velocity:  # v = sqrt(abar) n - sqrt(1 - abar) x0 (Salimans & Ho 2022, sec. 4)
+            table = torch.stack([table[:, T.Q_A], table[:, T.Q_B], -table[:, T.Q_B], table[:, T.Q_A]], dim=1)
+        x_t, target, _ = ops.run_q_sample(x0, table, self.training_timesteps(timesteps, x0), noise.to(x0.device),
+                                          0, 0, velocity, False)
+        return target if velocity else x_t
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), per-sample timesteps."""
-        return self._q_sample(original_samples, noise, timesteps, "original_samples", write_v=False)[0]
+        return self._q_sample(original_samples, noise, timesteps, "original_samples", velocity=False)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022, sec. 4)."""
-        return self._q_sample(sample, noise, timesteps, "sample", write_v=True)[2]
+        return self._q_sample(sample, noise, timesteps, "sample", velocity=True)
 
 
 def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:

@@ -1,14 +1,36 @@
-"""DDIMSampler: a drop-in for diffusers' DDIMScheduler (Song et al. 2021), stepping with one fused op."""
+"""DDIMSampler: a drop-in for diffusers' DDIMScheduler (Song et al. 2021), a table builder on the fused step.
+
+The step (DDIM eq. 12, sigma_t from eq. 16 scaled by eta), prev = t - T // num_inference_steps:
+
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t n
+    sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))
+
+x0 and eps are both linear in (x, m) (or, with use_clipped_model_output, eps in (x, clipped x0)),
+so a row holds their combination. The direction term is clamped at 0 for eta > 1 (diffusers: NaN).
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import ops
 from .. import tables as T
-from .base import BaseSampler, spaced_timesteps
+from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype
 from .config import register_to_config
-from .output import SamplerOutput
+from .ddpm import PREDICTION_TYPES, x0_coefficients
+
+
+def eps_coefficients(prediction_type: str, abar_t: torch.Tensor, use_clipped: bool) -> dict[str, torch.Tensor]:
+    """eps = eps_x x + eps_m m + eps_x0 x0, as diffusers' DDIM derives pred_epsilon."""
+    beta_prod_t, zero, one = 1 - abar_t, torch.zeros_like(abar_t), torch.ones_like(abar_t)
+    if use_clipped:  # re-derived from the clipped x0: (x - sqrt(abar) x0) / sqrt(1 - abar)
+        return {"x": 1 / beta_prod_t ** 0.5, "m": zero, "x0": -abar_t ** 0.5 / beta_prod_t ** 0.5}
+    if prediction_type == "epsilon":
+        return {"x": zero, "m": one, "x0": zero}
+    if prediction_type == "sample":  # (x - sqrt(abar) m) / sqrt(1 - abar)
+        return {"x": 1 / beta_prod_t ** 0.5, "m": -abar_t ** 0.5 / beta_prod_t ** 0.5, "x0": zero}
+    return {"x": beta_prod_t ** 0.5, "m": abar_t ** 0.5, "x0": zero}  # v: sqrt(abar) v + sqrt(1 - abar) x
 
 
 class DDIMSampler(BaseSampler):
@@ -16,10 +38,11 @@ class DDIMSampler(BaseSampler):
 
     As diffusers, the previous timestep of t is t - num_train_timesteps // num_inference_steps,
     so any t in [0, num_train_timesteps) can be stepped. Extras as in DDPMSampler (`seed=`,
-    `guidance_scale=`, `sample_offset=`), no host synchronisation in `step`.
+    `guidance_scale=`, `sample_offset=`, `table_dtype=`), no host synchronisation in `step`.
     """
 
     diffusers_class_name = "DDIMScheduler"
+    keyed_by_timestep = True
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -27,11 +50,34 @@ class DDIMSampler(BaseSampler):
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
-                 rescale_betas_zero_snr: bool = False):
+                 rescale_betas_zero_snr: bool = False, table_dtype: str = "float32"):
+        check_vp_config(self.config, PREDICTION_TYPES)
         self._init_schedule(self.config)
-        # DDIM eq. 16 at the last step: abar_prev = 1 (a clean sample) unless set_alpha_to_one=False.
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
+
+    @property
+    def final_alpha_cumprod(self) -> torch.Tensor:
+        """abar after the last step (DDIM eq. 16): 1 (a clean sample) unless set_alpha_to_one=False."""
+        return torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def _build_table(self, eta: float = 0.0, use_clipped_model_output: bool = False) -> torch.Tensor:
+        """One row per training timestep t (any t can be stepped), in diffusers' operation order."""
+        config, dtype = self.config, table_dtype(self.config.table_dtype)
+        T_ = config.num_train_timesteps
+        t = torch.arange(T_)
+        prev = t - T_ // self.num_inference_steps
+        abar = self.alphas_cumprod.to(dtype)
+        abar_t = abar
+        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.to(dtype))
+        beta_prod_t, beta_prod_t_prev = 1 - abar_t, 1 - abar_prev
+        variance = (beta_prod_t_prev / beta_prod_t) * (1 - abar_t / abar_prev)  # DDIM eq. 16
+        std_dev_t = eta * variance ** 0.5
+        direction = torch.clamp(1 - abar_prev - std_dev_t ** 2, min=0) ** 0.5  # NaN policy: eta > 1
+        eps = eps_coefficients(config.prediction_type, abar_t, use_clipped_model_output)
+        return T.step_table(T_, dtype=dtype, **x0_coefficients(config.prediction_type, abar_t),
+                            out_x=direction * eps["x"], out_m=direction * eps["m"],
+                            out_x0=abar_prev ** 0.5 + direction * eps["x0"],  # DDIM eq. 12
+                            noise_std=std_dev_t, noise_counter=t.to(dtype))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         T_ = self.config.num_train_timesteps
@@ -41,8 +87,8 @@ class DDIMSampler(BaseSampler):
         self.num_inference_steps = int(num_inference_steps)
         steps = spaced_timesteps(T_, self.num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
         self.timesteps = torch.from_numpy(steps).to(device)
-        self._set_table(T.ddim_table(self.alphas_cumprod, T_ // self.num_inference_steps,
-                                     float(self.final_alpha_cumprod)), device)
+        self._tables, self._table_config = {}, None
+        self._table(torch.device(device or "cpu"), eta=0.0, use_clipped_model_output=False)
 
     def previous_timestep(self, timestep):
         return timestep - self.config.num_train_timesteps // self._steps()
@@ -58,18 +104,17 @@ class DDIMSampler(BaseSampler):
             raise ValueError(f"timestep must be in [0, num_train_timesteps={T_}), got {t}")
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True, *, seed: int | None = None, guidance_scale: float | None = None,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True, *, seed: Optional[int] = None, guidance_scale: Optional[float] = None,
              sample_offset: int = 0):
         """One DDIM step (DDIM eq. 12; sigma_t = eta * eq. 16) in one fused op."""
         self._steps()
-        if not isinstance(eta, (int, float)) or eta < 0:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"eta must be a float >= 0, got {eta!r}")
-        self._check_step_inputs(model_output, sample, guidance_scale, learned_variance=False)
-        coefs = self._row(timestep, sample.device)
-        noise, seed = self._noise_args(sample, model_output, generator, variance_noise, seed, eta > 0)
-        threshold = self._threshold(model_output, sample, coefs, guidance_scale)
-        prev, x0 = ops.ddim_step(model_output, sample, coefs, noise, seed, sample_offset, self.config.prediction_type,
-                                 float(eta), bool(use_clipped_model_output), self._clip_range(), threshold,
-                                 guidance_scale, True)
-        return SamplerOutput(prev, x0) if return_dict else (prev, x0)
+        self._check_step_inputs(model_output, sample, guidance_scale)
+        index = self._timestep_index(timestep, sample.device)
+        noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, eta > 0)
+        table = self._table(sample.device, eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
+        return self._run_step(model_output, sample, table, index, noise=noise if eta > 0 else None,
+                              seed=seed, sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
+                              return_dict=return_dict)

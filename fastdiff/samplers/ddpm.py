@@ -1,14 +1,39 @@
-"""DDPMSampler: a drop-in for diffusers' DDPMScheduler (Ho et al. 2020), stepping with one fused op."""
+"""DDPMSampler: a drop-in for diffusers' DDPMScheduler (Ho et al. 2020), a table builder on the fused step.
+
+The reverse step (DDPM eq. 6-7, Algorithm 2), with prev the next timestep of the schedule:
+
+    x0      = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)                          (eq. 15; or v / sample)
+    x_prev  = sqrt(abar_prev) beta_t / (1 - abar_t) x0
+              + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x  +  sigma_t n      (eq. 7)
+
+beta_t = 1 - abar_t / abar_prev; sigma_t^2 = the posterior variance (1 - abar_prev) / (1 - abar_t)
+beta_t ("fixed_small"), beta_t ("fixed_large"), or learned (IDDPM eq. 15); no noise at t = 0.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import ops
 from .. import tables as T
-from .base import BaseSampler, _check_choice, spaced_timesteps
+from .base import BaseSampler, check_choice, check_vp_config, spaced_timesteps, table_dtype
 from .config import register_to_config
-from .output import SamplerOutput
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+def x0_coefficients(prediction_type: str, abar_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x0 = (x0_x x + x0_m m) x0_scale for a VP model output m (as diffusers' DDPM / DDIM compute it)."""
+    one, beta_prod_t = torch.ones_like(abar_t), 1 - abar_t
+    if prediction_type == "epsilon":  # DDPM eq. 15
+        return {"x0_x": one, "x0_m": -beta_prod_t ** 0.5, "x0_scale": 1 / abar_t ** 0.5}
+    if prediction_type == "sample":
+        return {"x0_x": 0 * one, "x0_m": one, "x0_scale": one}
+    if prediction_type == "v_prediction":  # Salimans & Ho 2022, sec. 4
+        return {"x0_x": abar_t ** 0.5, "x0_m": -beta_prod_t ** 0.5, "x0_scale": one}
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 class DDPMSampler(BaseSampler):
@@ -18,10 +43,13 @@ class DDPMSampler(BaseSampler):
     `variance_noise=`, `seed=` (in-kernel Philox noise), `guidance_scale=` (CFG fused into the
     step, model_output = [uncond; cond]) and `sample_offset=` (global index of sample 0, for
     noise that does not depend on how a batch is split); NaN cases of diffusers are finite
-    (see fastdiff.reference); a timestep outside the schedule raises instead of an IndexError.
+    (fixed_large_log: std = sqrt(beta_t); learned: a negative variance is clamped at 0); a
+    timestep outside the schedule raises instead of an IndexError. `table_dtype="float64"`
+    derives the coefficients in float64 instead of diffusers' float32.
     """
 
     diffusers_class_name = "DDPMScheduler"
+    keyed_by_timestep = True
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -29,20 +57,77 @@ class DDPMSampler(BaseSampler):
                  clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False):
-        _check_choice("variance_type", variance_type, T.VARIANCE_TYPES)
+                 rescale_betas_zero_snr: bool = False, table_dtype: str = "float32"):
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_vp_config(self.config, PREDICTION_TYPES)
         self._init_schedule(self.config)
-        self.variance_type = variance_type
         self._set_schedule(np.arange(0, num_train_timesteps)[::-1].copy(), device=None)
 
+    @property
+    def variance_type(self) -> str:
+        return self.config.variance_type
+
+    @property
+    def variance_mode(self) -> int:
+        return {"learned": T.VAR_SQRT, "learned_range": T.VAR_EXP}.get(self.config.variance_type, T.VAR_FIXED)
+
+    # ---- the table ----------------------------------------------------------------------------
+    def _build_table(self) -> torch.Tensor:
+        """One row per training timestep t (NaN for t not in the schedule), in diffusers' operation order."""
+        config, dtype = self.config, table_dtype(self.config.table_dtype)
+        T_ = config.num_train_timesteps
+        steps = self.timesteps.cpu().numpy()
+        t = torch.from_numpy(steps)
+        prev = torch.from_numpy(np.append(steps[1:], -1))
+        abar = self.alphas_cumprod.to(dtype)
+        abar_t = abar[t]
+        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.ones_like(abar_t))
+        beta_prod_t, beta_prod_t_prev = 1 - abar_t, 1 - abar_prev
+        current_alpha_t = abar_t / abar_prev
+        current_beta_t = 1 - current_alpha_t
+        rows = {
+            **x0_coefficients(config.prediction_type, abar_t),
+            "out_x0": (abar_prev ** 0.5 * current_beta_t) / beta_prod_t,  # eq. 7
+            "out_x": current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t,  # eq. 7
+            **self._noise_columns(beta_prod_t_prev / beta_prod_t * current_beta_t, current_beta_t),
+            "noise_counter": t.to(dtype),  # Philox counter: the timestep (seeded noise keyed by t)
+        }
+        rows["noise_std"] = torch.where(t > 0, rows["noise_std"], 0)  # diffusers adds no noise at t = 0
+        full = {name: torch.full((T_,), float("nan"), dtype=dtype).index_copy_(0, t, value.to(dtype))
+                for name, value in rows.items()}
+        return T.step_table(T_, dtype=dtype, **full)
+
+    def _noise_columns(self, posterior_variance: torch.Tensor, beta_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """std of the noise (diffusers' `_get_variance` and its square root), or the learned-variance map.
+
+        fixed_large_log: diffusers takes the square root of log(beta_t) (NaN); we read it as the
+        log-variance it names: std = exp(log(beta_t) / 2) = sqrt(beta_t), as fixed_large.
+        learned_range (IDDPM eq. 15): log var = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1) / 2,
+        i.e. std = exp(bias + slope v) with bias = (max + min) / 4, slope = (max - min) / 4.
+        """
+        variance = torch.clamp(posterior_variance, min=1e-20)
+        variance_type, one = self.config.variance_type, torch.ones_like(variance)
+        if variance_type == "fixed_small":
+            return {"noise_std": variance ** 0.5}
+        if variance_type == "fixed_small_log":
+            return {"noise_std": torch.exp(0.5 * torch.log(variance))}
+        if variance_type in ("fixed_large", "fixed_large_log"):
+            return {"noise_std": beta_t ** 0.5}
+        if variance_type == "learned":
+            return {"noise_std": one}
+        min_log, max_log = torch.log(variance), torch.log(beta_t)
+        return {"noise_std": one, "var_bias": (max_log + min_log) / 4, "var_slope": (max_log - min_log) / 4}
+
+    # ---- timesteps ----------------------------------------------------------------------------
     def _set_schedule(self, timesteps: np.ndarray, device) -> None:
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._schedule = set(timesteps.tolist())
         self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
-        self._set_table(T.ddpm_table(self.alphas_cumprod, timesteps.tolist(), self.variance_type), device)
+        self._tables, self._table_config = {}, None
+        self._table(torch.device(device or "cpu"))  # build now: step only looks it up
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[int] | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: str | torch.device | None = None,
+                      timesteps: Optional[list[int]] = None) -> None:
         """Choose the inference timesteps (spacing from the config, or custom descending `timesteps`)."""
         T_ = self.config.num_train_timesteps
         if num_inference_steps is not None and timesteps is not None:
@@ -75,19 +160,19 @@ class DDPMSampler(BaseSampler):
             shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-6:]
             raise ValueError(f"timestep {t} is not in the schedule set by set_timesteps: {shown}")
 
+    # ---- the step -----------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True, *, variance_noise: torch.Tensor | None = None, seed: int | None = None,
-             guidance_scale: float | None = None, sample_offset: int = 0):
+             return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+             guidance_scale: Optional[float] = None, sample_offset: int = 0):
         """One reverse step x_t -> x_{t-1} (DDPM Algorithm 2 / eq. 7) in one fused op."""
-        learned = self.variance_type in T.LEARNED_VARIANCE_TYPES
+        learned = self.config.variance_type in ("learned", "learned_range")
         self._check_step_inputs(model_output, sample, guidance_scale, learned)
-        if self.variance_type == "learned" and model_output.shape[1] != 2 * sample.shape[1]:
+        if self.config.variance_type == "learned" and model_output.shape[1] != 2 * sample.shape[1]:
             raise ValueError(f"variance_type='learned' needs model_output with 2 x {sample.shape[1]} channels, "
                              f"got {model_output.shape[1]}")
-        coefs = self._row(timestep, sample.device)
+        index = self._timestep_index(timestep, sample.device)
         host_last = not isinstance(timestep, torch.Tensor) and int(timestep) == 0  # diffusers draws no noise at t=0
-        noise, seed = self._noise_args(sample, model_output, generator, variance_noise, seed, not host_last)
-        threshold = self._threshold(model_output, sample, coefs, guidance_scale, self.variance_type)
-        prev, x0 = ops.ddpm_step(model_output, sample, coefs, noise, seed, sample_offset, self.config.prediction_type,
-                                 self.variance_type, self._clip_range(), threshold, guidance_scale, True)
-        return SamplerOutput(prev, x0) if return_dict else (prev, x0)
+        noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, not host_last)
+        return self._run_step(model_output, sample, self._table(sample.device), index, noise=noise, seed=seed,
+                              sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
+                              return_dict=return_dict)
