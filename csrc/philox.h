@@ -112,8 +112,3 @@ FD_HOST_DEVICE inline void fd_randn4(uint64_t seed, uint32_t quad, uint32_t samp
   fd_box_muller(fd_uint_to_uniform(c0), fd_uint_to_uniform(c1), n[0], n[1]);
   fd_box_muller(fd_uint_to_uniform(c2), fd_uint_to_uniform(c3), n[2], n[3]);
 }
-
-// The step counter of a row: int(coefs[TIMESTEP]); a NaN row (bad timestep) gives counter 0.
-FD_HOST_DEVICE inline uint32_t fd_step_counter(float timestep) {
-  return (timestep == timestep && timestep >= 0.0f && timestep < 4294967296.0f) ? uint32_t(int64_t(timestep)) : 0u;
-}

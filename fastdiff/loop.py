@@ -7,9 +7,11 @@ progress, callbacks, trajectories and optional CUDA-graph replay.
     sampler = fastdiff.DDIMSampler.from_config(pipe.scheduler.config)
     images = sample(unet, sampler, (16, 3, 64, 64), num_inference_steps=50, seed=0, device="cuda")
 
-The loop never waits for the device: the timesteps live on the sample's device, each step gathers
-its coefficients there, and noise comes from the in-kernel Philox stream (`seed=`), so a CUDA loop
-queues work as fast as Python can issue it, and `cuda_graph=True` can replay it.
+The loop never waits for the device: the timesteps live on the sample's device, each step finds
+its coefficient row there (the sampler's device step counter, or the timestep itself), and noise
+comes from the in-kernel Philox stream (`seed=`), so a CUDA loop queues work as fast as Python can
+issue it, and `cuda_graph=True` can replay it. Each step writes its result into the loop's sample
+buffer in place and skips pred_original_sample.
 
 Several GPUs (or processes): every process samples its own slice of the batch with the same
 `seed` and `sample_offset` = the global index of its first sample. Philox noise is keyed by the
@@ -160,14 +162,17 @@ def model_prediction(output) -> torch.Tensor:
     raise TypeError(f"model must return a tensor, an object with .sample or a tuple, got {type(output).__name__}")
 
 
-def _denoise_step(model, sampler, x, t, kwargs, guidance_scale, noise_kwargs, options) -> torch.Tensor:
-    """Model call (one batched call on [x; x] for CFG) + one fused sampler step; no host sync."""
+def _denoise_step(model, sampler, x, t, kwargs, guidance_scale, noise_kwargs, options) -> None:
+    """Model call (one batched call on [x; x] for CFG) + one fused sampler step, written into x in place.
+
+    No host sync: t is a device tensor, the sampler finds its row on the device.
+    """
     model_input = sampler.scale_model_input(x, t)
     if guidance_scale is not None:
         model_input = torch.cat([model_input, model_input])
-    # The model gets one timestep per batch element (a [B] view of the device scalar t).
+    # The model gets one timestep per batch element (a [B] view of the device timestep t).
     prediction = model_prediction(model(model_input, t.expand(model_input.shape[0]), **kwargs))
-    return sampler.step(prediction, t, x, guidance_scale=guidance_scale, **noise_kwargs, **options).prev_sample
+    sampler.step(prediction, t, x, guidance_scale=guidance_scale, out=x, **noise_kwargs, **options)
 
 
 def _initial_noise(shape, seed, generator, sample_offset, device, dtype) -> torch.Tensor:
@@ -175,6 +180,9 @@ def _initial_noise(shape, seed, generator, sample_offset, device, dtype) -> torc
         return randn_like_diffusers(shape, generator, device, dtype)  # what diffusers' pipelines draw
     return N.randn(shape, seed, counter=0, stream=N.STREAM_INITIAL_NOISE, sample_offset=sample_offset,
                    device=device, dtype=dtype)
+
+
+CUDA_GRAPH_MODES = (False, True, "step", "loop")
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -195,17 +203,20 @@ def sample(
     callback: Callback | None = None,
     return_trajectory: bool = False,
     progress: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: bool | str = False,
     sample_offset: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from x_T to x_0 and return x_0 (and the trajectory when asked).
 
-    model: called as `model(x, t, **cond)` with t a [batch] int64 tensor on the sample's device;
-        returns the prediction (a tensor, diffusers' `.sample` output, or a tuple).
-    sampler: a fastdiff sampler; `set_timesteps(num_inference_steps, device)` is called here.
-    shape / x_T: the batch to sample; x_T is drawn from the seed / generator when not given.
+    model: called as `model(x, t, **cond)` with t a [batch] tensor of the sampler's timesteps on the
+        sample's device; returns the prediction (a tensor, diffusers' `.sample` output, or a tuple).
+    sampler: a fastdiff sampler; `set_timesteps(num_inference_steps, device)` is called here (and
+        `set_begin_index(0)`, as diffusers' pipelines do).
+    shape / x_T: the batch to sample; x_T is drawn from the seed / generator when not given and
+        scaled by `sampler.init_noise_sigma` (diffusers' pipelines do the same); a given x_T is used
+        as it is.
     guidance_scale, cond, uncond: classifier-free guidance. One model call per step on [x; x] with
         each tensor of `uncond` and `cond` concatenated along the batch ([uncond; cond], as
         diffusers); the guidance u + w (c - u) is fused into the sampler step.
@@ -214,10 +225,14 @@ def sample(
         (same images as diffusers for the same generator). Neither: a seed from torch's default
         generator (so torch.manual_seed makes runs repeatable).
     eta: DDIM's eta (0 = deterministic DDIM); must be 0 for samplers without one.
-    callback(i, t, x): after step i, with its timestep (a device scalar) and the new sample (with
-        cuda_graph=True a buffer the next step overwrites: clone it to keep it).
+    callback(i, t, x): after step i, with its timestep (a device tensor) and the sample (a buffer the
+        next step overwrites in place: clone it to keep it).
     return_trajectory: also return [x_T, x after step 1, ..., x_0] (clones, on the device).
-    cuda_graph: capture model call + fused step once in a CUDA graph and replay it every step.
+    cuda_graph: True / "step": capture model call + fused step once in a CUDA graph and replay it
+        every step; "loop": capture the whole loop as one graph (no progress bar, callback or
+        trajectory). Graphs are cached on the sampler per (model, shape, dtype, device, schedule,
+        guidance, cond shapes, seed, sample_offset, eta): a second call with the same setup
+        replays without capturing again.
     """
     _check_sampler(sampler)
     _check_noise_source(seed, generator, cuda_graph)
@@ -227,30 +242,47 @@ def sample(
     _check_cond_batch(uncond, shape[0], "uncond")
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
         raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+    if cuda_graph not in CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graph must be one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
     device = _resolve_device(device, x_T, model)
     if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device, got device={str(device)!r}; "
+        raise ValueError(f"cuda_graph={cuda_graph!r} needs a CUDA device, got device={str(device)!r}; "
                          "use cuda_graph=False on the CPU")
+    if cuda_graph == "loop" and (callback is not None or return_trajectory):
+        raise ValueError("cuda_graph='loop' replays the whole loop at once: callback and return_trajectory need "
+                         "cuda_graph=True (one graph per step)")
     options = _step_options(sampler, eta)
     if seed is None and generator is None:
         seed = N.draw_seed()  # DESIGN "Noise": from torch's default CPU generator, no device sync
 
-    x = _initial_noise(shape, seed, generator, sample_offset, device, dtype) if x_T is None else x_T.to(device)
-    sampler.set_timesteps(num_inference_steps, device=device)
-    timesteps = sampler.timesteps  # on `device`: each step indexes a view, the loop never reads a value
     kwargs = _model_kwargs(cond, uncond, guidance_scale, device)
     noise_kwargs = {"generator": generator} if generator is not None else {"seed": seed,
                                                                            "sample_offset": sample_offset}
-    step = (_GraphedStep(model, sampler, x, timesteps[0], kwargs, guidance_scale, noise_kwargs, options)
-            if cuda_graph else None)
+    graph = None
+    if cuda_graph:
+        key = _graph_key(model, sampler, num_inference_steps, shape, dtype, device, kwargs, guidance_scale,
+                         noise_kwargs, options, cuda_graph)
+        graph = _graphs_of(sampler).get(key)
+        if graph is not None and not graph.holds_sampler_state():
+            graph = None  # set_timesteps ran since the capture: the graph reads tensors the sampler dropped
+    if graph is None:
+        sampler.set_timesteps(num_inference_steps, device=device)
+        sampler.set_begin_index(0)
+    if x_T is None:
+        x = _initial_noise(shape, seed, generator, sample_offset, device, dtype) * sampler.init_noise_sigma
+    else:
+        x = x_T.to(device).clone()  # the loop steps x in place
+    if cuda_graph:
+        if graph is None:
+            graph = _graphs_of(sampler)[key] = _SamplingGraph(model, sampler, x, kwargs, guidance_scale,
+                                                             noise_kwargs, options, whole_loop=cuda_graph == "loop")
+        return graph.run(x, kwargs, callback, return_trajectory, progress)
 
+    timesteps = sampler.timesteps  # on `device`: each step indexes a view, the loop never reads a value
     trajectory = [x.clone()] if return_trajectory else []
     for i in tqdm(range(len(timesteps)), desc="sampling", disable=not progress, leave=False):
-        t = timesteps[i]
-        if step is not None:
-            x = step(t)
-        else:
-            x = _denoise_step(model, sampler, x, t, kwargs, guidance_scale, noise_kwargs, options)
+        t = timesteps[i]  # a 0-d view: no sync
+        _denoise_step(model, sampler, x, t, kwargs, guidance_scale, noise_kwargs, options)
         if return_trajectory:
             trajectory.append(x.clone())
         if callback is not None:
@@ -258,43 +290,94 @@ def sample(
     return (x, trajectory) if return_trajectory else x
 
 
-class _GraphedStep:
-    """The model call + fused step captured once in a CUDA graph, replayed for every step.
+# ---- CUDA graphs --------------------------------------------------------------------------------
+def _graphs_of(sampler: BaseSampler) -> dict:
+    graphs = getattr(sampler, "_cuda_graphs", None)
+    if graphs is None:
+        graphs = sampler._cuda_graphs = {}
+    return graphs
 
-    Why one step per replay rather than the whole loop in one graph: capture time and memory do
-    not grow with the number of steps, one graph serves any step count, and the progress bar,
-    callback and trajectory behave exactly as in the eager loop. A replay costs one launch (a few
-    microseconds), small next to a denoiser call, and it removes the per-kernel launch overhead
-    that dominates small-batch sampling.
 
-    State lives in static device buffers the graph reads (gpt-fast style): `x` (the sample) and
-    `t` (the timestep). Per step the host only queues `t.copy_(timesteps[i])` (a device-to-device
-    copy) and a replay; the graph writes x_{t-1} back into `x`. The coefficient row is gathered on
-    the device from `t` and the Philox counter is read from that row, so the noise changes per step
-    even though the seed is baked into the graph.
+def _tensor_key(value):
+    return (tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor) else value
+
+
+def _graph_key(model, sampler, steps, shape, dtype, device, kwargs, guidance_scale, noise_kwargs, options,
+               mode) -> tuple:
+    """What a captured graph bakes in: everything but the values of x_T and of the cond tensors."""
+    return (id(model), mode, steps, tuple(shape), dtype, device, id(sampler.config), guidance_scale,
+            tuple(sorted(options.items())), tuple(sorted(noise_kwargs.items())),
+            tuple((k, _tensor_key(v)) for k, v in sorted(kwargs.items())))
+
+
+class _SamplingGraph:
+    """The model call + fused step captured in a CUDA graph: one step replayed per step, or the whole loop.
+
+    Why one step per replay by default: capture time and memory do not grow with the number of
+    steps, and the progress bar, callback and trajectory behave exactly as in the eager loop. A
+    replay costs one launch (a few microseconds) and removes the per-kernel launch overhead that
+    dominates small-batch sampling. `whole_loop` captures every step into one graph instead.
+
+    State lives in static device buffers the graph reads (gpt-fast style): `x` (the sample, stepped
+    in place by the fused op), the loop's step counter `i` (the graph gathers t = timesteps[i] and
+    advances i itself), the cond tensors, and the sampler's own counter and history. Nothing is
+    copied per step: the host only calls replay(). A later call with the same setup copies its x_T
+    and cond values into the buffers, rewinds the counters and replays the same graph.
     """
 
-    def __init__(self, model, sampler, x_T, first_t, kwargs, guidance_scale, noise_kwargs, options):
+    def __init__(self, model, sampler, x_T, kwargs, guidance_scale, noise_kwargs, options, whole_loop: bool):
+        self.sampler, self.steps = sampler, len(sampler.timesteps)
         self.x = x_T.clone()
-        self.t = first_t.clone()
+        self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        self.i = torch.zeros(1, dtype=torch.int64, device=x_T.device)
+        timesteps = sampler.timesteps
 
-        def run_step() -> None:
-            self.x.copy_(_denoise_step(model, sampler, self.x, self.t, kwargs, guidance_scale, noise_kwargs, options))
+        def one_step() -> None:
+            t = timesteps.index_select(0, self.i).reshape(())
+            _denoise_step(model, sampler, self.x, t, self.kwargs, guidance_scale, noise_kwargs, options)
+            self.i.add_(1)
 
-        # Warm up on a side stream (first calls compile kernels, fill caches, pick cuBLAS algorithms;
-        # none of that may happen during capture), then restore x_T: the warm-up stepped it.
-        side = torch.cuda.Stream(device=self.x.device)
-        side.wait_stream(torch.cuda.current_stream(self.x.device))
+        # Warm up on a side stream (first calls compile kernels, fill caches, allocate the sampler's
+        # history, pick cuBLAS algorithms; none of that may happen during capture), then capture.
+        device = self.x.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                run_step()
-        torch.cuda.current_stream(self.x.device).wait_stream(side)
+                one_step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._rewind(x_T)
+        self.sampler_state = sampler._engine_state()  # the tensors the graph reads (kept alive here)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            run_step()
-        self.x.copy_(x_T)
+            for _ in range(self.steps if whole_loop else 1):
+                one_step()
+        self.whole_loop = whole_loop
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        self.t.copy_(t)
-        self.graph.replay()
-        return self.x
+    def holds_sampler_state(self) -> bool:
+        """True while the sampler still steps with the tensors this graph captured."""
+        return all(a is b for a, b in zip(self.sampler_state, self.sampler._engine_state()))
+
+    def _rewind(self, x_T: torch.Tensor) -> None:
+        self.x.copy_(x_T)
+        self.i.zero_()
+        self.sampler._restart()
+
+    def run(self, x_T, kwargs, callback, return_trajectory, progress) -> torch.Tensor:
+        self._rewind(x_T)
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                self.kwargs[key].copy_(value)
+        if self.whole_loop:
+            self.graph.replay()
+            return self.x.clone()
+        trajectory = [self.x.clone()] if return_trajectory else []
+        timesteps = self.sampler.timesteps
+        for i in tqdm(range(self.steps), desc="sampling (CUDA graph)", disable=not progress, leave=False):
+            self.graph.replay()
+            if return_trajectory:
+                trajectory.append(self.x.clone())
+            if callback is not None:
+                callback(i, timesteps[i], self.x)
+        x = self.x.clone()  # the buffer belongs to the cached graph
+        return (x, trajectory) if return_trajectory else x

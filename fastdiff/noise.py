@@ -26,6 +26,7 @@ import torch
 STREAM_STEP = 0  # noise injected by a reverse step (DDPM / DDIM eta > 0); counter = timestep
 STREAM_Q_SAMPLE = 1  # training noise of q_sample
 STREAM_INITIAL_NOISE = 2  # x_T drawn by fastdiff.sample(seed=...)
+STREAM_TRAINING_TIMESTEPS = 3  # per-sample training timesteps drawn by diffusion_loss(seed=...)
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -111,6 +112,20 @@ def randn(
     words = [uint32_to_uniform(w) for w in philox4x32((quad, sample, zeros + counter, zeros + stream), seed)]
     normals = torch.stack([*box_muller(words[0], words[1]), *box_muller(words[2], words[3])], dim=-1)
     return normals.reshape(batch, 4 * quads)[:, :per_sample].reshape(shape).to(dtype)
+
+
+def randint(batch: int, high: int, seed: int, *, counter: int = 0, stream: int = STREAM_TRAINING_TIMESTEPS,
+            sample_offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """[batch] int64 in [0, high) on `device`, one per global sample index: floor(w * high / 2^32) of the
+    first Philox word w of quad 0 of each sample. The same integers on every device (exact integer math),
+    drawn where they are used (no host copy)."""
+    check_seed(seed)
+    if not 0 < high <= 2**31:
+        raise ValueError(f"high must be in (0, 2**31], got {high!r}")
+    sample = torch.arange(batch, device=device, dtype=torch.int64) + sample_offset
+    zeros = torch.zeros((), device=device, dtype=torch.int64)
+    word = philox4x32((zeros.expand(batch), sample, zeros + counter, zeros + stream), seed)[0]
+    return (word * high) >> 32
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:

@@ -4,8 +4,9 @@
     loss.backward()
 
 `fastdiff.ops.q_sample` reads x0 once and writes x_t together with the regression target (the
-noise for epsilon-prediction, v for v-prediction), so building a training batch is one
-memory-bound pass instead of three (randn, the noising, the target).
+noise for epsilon-prediction, v for v-prediction, x0, ...: each a row a x0 + b n of the sampler's
+training table), so building a training batch is one memory-bound pass instead of three (randn,
+the noising, the target).
 """
 from __future__ import annotations
 
@@ -38,40 +39,36 @@ def _check_inputs(model, x0, sampler, seed, generator, reduction) -> None:
 
 
 def training_timesteps(timesteps, x0: torch.Tensor, sampler: BaseSampler, seed: int | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, sample_offset: int = 0) -> torch.Tensor:
     """[batch] int64 timesteps on x0's device: the given ones (validated by the sampler), else uniform in [0, T).
 
-    Drawn on the CPU (from the generator, a generator seeded with `seed`, or torch's default one)
-    and copied over, so the same seed gives the same timesteps on every device.
+    With `seed` (or none: a seed from torch's default generator) they come from the Philox integer
+    stream on x0's device (fastdiff.noise.randint: no host copy, the same integers on every device,
+    keyed by the global sample index); with `generator`, torch.randint from it, as diffusers'
+    training scripts draw them.
     """
     if timesteps is not None:
-        return sampler._training_timesteps(timesteps, x0)
+        return sampler.training_timesteps(timesteps, x0)
     T, batch = sampler.config.num_train_timesteps, x0.shape[0]
-    source = generator if generator is not None else (torch.Generator().manual_seed(seed) if seed is not None else None)
-    if source is not None and source.device.type != "cpu":
-        return torch.randint(0, T, (batch,), generator=source, device=source.device).to(x0.device)
-    return torch.randint(0, T, (batch,), generator=source).to(x0.device)
+    if generator is not None:
+        return torch.randint(0, T, (batch,), generator=generator, device=generator.device).to(x0.device)
+    seed = N.check_seed(seed) if seed is not None else N.draw_seed()
+    return N.randint(batch, T, seed, sample_offset=sample_offset, device=x0.device)
 
 
 def noisy_sample_and_target(x0: torch.Tensor, timesteps: torch.Tensor, sampler: BaseSampler,
-                            seed: int | None = None, generator: torch.Generator | None = None):
+                            seed: int | None = None, generator: torch.Generator | None = None,
+                            sample_offset: int = 0):
     """(x_t, target) for the sampler's prediction_type, from one fused q_sample pass over x0."""
-    prediction_type = sampler.config.prediction_type
-    alphas_cumprod = sampler._alphas_cumprod_on(x0.device)  # cached per device, NaN row for bad device t
+    table = sampler.training_table(x0.device)  # one row per timestep: x_t and the target as a x0 + b n
     if generator is not None:  # the caller's torch.randn stream, as diffusers' training scripts draw it
         noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
         seed = 0
-    else:  # in-kernel Philox noise: written out by the same pass when it is the target
+    else:  # in-kernel Philox noise
         noise = None
         seed = N.check_seed(seed) if seed is not None else N.draw_seed()
-    write_noise = prediction_type == "epsilon" and noise is None
-    write_v = prediction_type == "v_prediction"
-    x_t, written_noise, v = ops.q_sample(x0, timesteps, alphas_cumprod, noise, seed, 0, write_noise, write_v)
-    if prediction_type == "epsilon":
-        return x_t, (noise if noise is not None else written_noise)
-    if prediction_type == "v_prediction":
-        return x_t, v
-    return x_t, x0  # prediction_type == "sample"
+    x_t, target, _ = ops.run_q_sample(x0, table, timesteps, noise, seed, sample_offset, True, False)
+    return x_t, target
 
 
 def diffusion_loss(
@@ -84,21 +81,27 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     cond: Mapping[str, Any] | None = None,
     reduction: str = "mean",
+    sample_offset: int = 0,
 ) -> torch.Tensor:
     """Mean squared error between model(x_t, t, **cond) and the target of sampler.config.prediction_type.
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4); targets: eps ("epsilon", DDPM eq. 14),
     x0 ("sample"), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ("v_prediction", Salimans & Ho 2022).
     timesteps: per-sample (or one shared) training timesteps; drawn uniformly in [0, T) when None.
-    seed: in-kernel Philox noise (and timesteps from a CPU generator seeded with it); generator:
-        torch.randn noise and torch.randint timesteps from it; neither: torch's default generator.
+    seed: in-kernel Philox noise and timesteps drawn on x0's device from the same seed; generator:
+        torch.randn noise and torch.randint timesteps from it; neither: a seed from torch's default
+        generator.
     reduction: "mean" (a scalar), "sum", or "none" (element-wise, x0's shape), as torch's mse_loss.
+    sample_offset: the global index of x0's first sample (data parallel: rank * per-rank batch), so
+        ranks draw different noise and timesteps for the same seed.
     """
     _check_inputs(model, x0, sampler, seed, generator, reduction)
-    t = training_timesteps(timesteps, x0, sampler, seed, generator)
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
     if seed is None and generator is None:
         seed = N.draw_seed()
-    x_t, target = noisy_sample_and_target(x0, t, sampler, seed, generator)
+    t = training_timesteps(timesteps, x0, sampler, seed, generator, sample_offset)
+    x_t, target = noisy_sample_and_target(x0, t, sampler, seed, generator, sample_offset)
     prediction = model_prediction(model(x_t, t, **(cond or {})))
     if prediction.shape != target.shape:
         raise ValueError(f"model output has shape {tuple(prediction.shape)}, the target {tuple(target.shape)}")

@@ -1,7 +1,8 @@
-"""Pieces shared by the fastdiff Triton kernels: Philox normals, x0/eps prediction, clipping, CFG
-loads (as `@triton.jit` helpers), and the launchers' input checks, output buffers and grids.
+"""Pieces shared by the fastdiff Triton kernels: tiles and offsets, Philox normals, storage casts,
+the device-side row gather (as `@triton.jit` helpers), and the launchers' input checks, output
+buffers and grids.
 
-Every step kernel runs on a 2-D grid (block within a sample, sample): the element index within a
+Every per-sample kernel runs on a 2-D grid (block within a sample, sample): the element index within a
 sample and the sample index (Philox's c1) are known without a division, and the flat offset
 b * per_sample + i is formed in int64 so batches past 2^31 elements index correctly.
 
@@ -11,6 +12,7 @@ run once per row on [BLOCK // 4] vectors; everything else is elementwise on the 
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -20,7 +22,6 @@ import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from fastdiff import noise as N
-from fastdiff import tables as T
 
 BLOCK = 1024  # elements per program (a multiple of 4): memory-bound, 8 per thread (2 quads) at 4 warps
 NUM_WARPS = 4
@@ -28,15 +29,10 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: larger batches launch in chunks
 MAX_PER_SAMPLE = 2**31 - 1  # the element index within a sample (4 q + word) is int32
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Table columns and stream ids as constexprs (Triton reads only constexpr globals); values from
-# fastdiff.tables / fastdiff.noise, never repeated here.
-COL_TIMESTEP = tl.constexpr(T.TIMESTEP)
-COL_SQRT_ABAR = tl.constexpr(T.SQRT_ABAR)
-COL_SQRT_1M_ABAR = tl.constexpr(T.SQRT_1M_ABAR)
+# Stream ids as constexprs (Triton reads only constexpr globals); values from fastdiff.noise, never
+# repeated here. Table columns live next to the kernel that reads them (step.py, q_sample.py).
 STREAM_STEP = tl.constexpr(N.STREAM_STEP)
 STREAM_Q_SAMPLE = tl.constexpr(N.STREAM_Q_SAMPLE)
-PRED_EPSILON = tl.constexpr(T.prediction_code("epsilon"))
-PRED_SAMPLE = tl.constexpr(T.prediction_code("sample"))
 NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)  # torch.clamp propagates NaN; fmax/fmin would drop it
 # The interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): emulate RTNE there.
 EMULATE_BF16_RTNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -97,54 +93,17 @@ def philox_normals(seed, q, sample, counter, STREAM: tl.constexpr):
 
 
 @triton.jit
-def step_counter(coefs_ptr):
-    """Philox step counter of a step: int(row[TIMESTEP]) (exact below 2^24)."""
-    return tl.load(coefs_ptr + COL_TIMESTEP).to(tl.int32)
+def row_pointer(table_ptr, index, num_rows, WIDTH: tl.constexpr):
+    """Pointer to row `index` of a [num_rows, WIDTH] table; an index outside [0, num_rows - 1) gives the
+    last (all-NaN sentinel) row: a bad device index gives NaN, never an out-of-bounds read."""
+    index = index.to(tl.int64)
+    valid = (index >= 0) & (index < num_rows - 1)
+    return table_ptr + tl.where(valid, index, num_rows - 1) * WIDTH
 
 
 @triton.jit
-def load_prediction(mo_ptr, mo_off, cond_base, mask, guidance_scale, CFG: tl.constexpr):
-    """The model's prediction in fp32; with CFG, u + w (c - u) (Ho & Salimans 2022, eq. 6)."""
-    pred = tl.load(mo_ptr + cond_base + mo_off, mask=mask, other=0.0).to(tl.float32)
-    if CFG:
-        uncond = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
-        pred = uncond + guidance_scale * (pred - uncond)
-    return pred
-
-
-@triton.jit
-def predict_x0(m, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
-    """x0 from the model output (DDPM eq. 15; v: x0 = sqrt(abar) x - sqrt(1 - abar) v)."""
-    if PRED == PRED_EPSILON:
-        x0 = (x - sqrt_1m_abar * m) / sqrt_abar
-    elif PRED == PRED_SAMPLE:
-        x0 = m
-    else:
-        x0 = sqrt_abar * x - sqrt_1m_abar * m
-    return x0
-
-
-@triton.jit
-def predict_eps(m, x, sqrt_abar, sqrt_1m_abar, PRED: tl.constexpr):
-    """eps from the model output (DDIM eq. 12; v: eps = sqrt(abar) v + sqrt(1 - abar) x)."""
-    if PRED == PRED_EPSILON:
-        eps = m
-    elif PRED == PRED_SAMPLE:
-        eps = (x - sqrt_abar * m) / sqrt_1m_abar
-    else:
-        eps = sqrt_abar * m + sqrt_1m_abar * x
-    return eps
-
-
-@triton.jit
-def clip_x0(x0, clip_range, thr_ptr, b, HAS_CLIP: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
-    """Dynamic thresholding (Imagen sec. 2.3: clamp to [-s, s], / s) wins over clipping."""
-    if HAS_THRESHOLD:
-        s = tl.load(thr_ptr + b).to(tl.float32)  # per-sample s, once per program
-        x0 = tl.minimum(tl.maximum(x0, -s, propagate_nan=NAN_ALL), s, propagate_nan=NAN_ALL) / s
-    elif HAS_CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range, propagate_nan=NAN_ALL), clip_range, propagate_nan=NAN_ALL)
-    return x0
+def nan_to_zero(x):
+    return tl.where(x == x, x, 0.0)
 
 
 # ----------------------------------------------------------------------------- launcher helpers
@@ -177,13 +136,39 @@ def check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_coefs(coefs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The row as a contiguous fp32 [WIDTH] tensor on the sample's device (a no-op when it is one)."""
-    check_tensor("coefs", coefs, device, dtypes=None)
-    check_shape("coefs", coefs, (T.WIDTH,), " (one row of a fastdiff.tables table)")
-    if not coefs.is_floating_point():
-        raise TypeError(f"coefs has dtype {coefs.dtype}, expected a floating dtype (float32)")
-    return coefs.to(torch.float32).contiguous()
+def check_table(name: str, table, device: torch.device, width: int, what: str) -> torch.Tensor:
+    """A float32 [R >= 1, width] table on the sample's device, contiguous (a no-op when it is)."""
+    check_tensor(name, table, device, dtypes=(torch.float32,))
+    if table.dim() != 2 or table.shape[1] != width or table.shape[0] < 1:
+        raise ValueError(f"{name} has shape {tuple(table.shape)}, expected [rows >= 1, {width}] ({what}, "
+                         "the last row the NaN sentinel)")
+    return table.contiguous()
+
+
+def check_index(name: str, index, device: torch.device, numel: int, what: str) -> torch.Tensor:
+    """An int32/int64 index tensor with `numel` entries on the sample's device (read on the device only)."""
+    check_tensor(name, index, device, dtypes=(torch.int64, torch.int32))
+    if index.numel() != numel or (numel != 1 and index.dim() != 1):
+        shape = "[1]" if numel == 1 else f"[{numel}]"
+        raise ValueError(f"{name} has shape {tuple(index.shape)}, expected {shape} ({what})")
+    return index.contiguous()
+
+
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or \
+            (high is not None and value > high):
+        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int in {allowed}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        allowed = "a float or None" if optional else "a float"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}")
+    return float(value)
 
 
 def check_threshold(threshold: Optional[torch.Tensor], batch: int, device: torch.device) -> Optional[torch.Tensor]:

@@ -46,7 +46,7 @@ class Row:
 
 
 def default_backend(device: torch.device) -> str:
-    module = backends.select("ddpm_step", torch.empty(0, device=device))
+    module = backends.select("step", torch.empty(0, device=device))
     return BACKEND_OF_MODULE.get(module.__name__, module.__name__)
 
 

@@ -211,6 +211,18 @@ class BaseSampler(ConfigMixin):
         index = torch.argmax(hit.to(torch.int64)).reshape(1)
         return torch.where(hit.any(), index, torch.full_like(index, len(schedule)))
 
+    def _restart(self) -> None:
+        """Rewind to the first step in place (a captured CUDA graph keeps reading the same tensors)."""
+        if self._counter is not None:
+            self._counter.fill_(self._begin_index or 0)
+            self._index_pending, self._step_index = self._begin_index is None, self._begin_index
+        if self._history is not None:
+            self._history.zero_()
+
+    def _engine_state(self) -> tuple:
+        """The objects a captured step reads: tables, counter, history, timesteps."""
+        return (self._tables, self._counter, self._history, self.timesteps)
+
     def _advance_host_index(self) -> None:
         if self._step_index is not None and not torch.compiler.is_compiling():
             self._step_index += 1
@@ -313,30 +325,48 @@ class BaseSampler(ConfigMixin):
                   noise: Optional[torch.Tensor], seed: Optional[int], sample_offset: int,
                   guidance_scale: Optional[float], guidance_extra: Optional[torch.Tensor] = None,
                   extra_scale: float = 0.0, advance: bool, out: Optional[torch.Tensor] = None,
-                  return_dict: bool = True, write_x0: Optional[bool] = None):
-        """One generic fused step on `table` row `index`; returns diffusers' output (or tuple)."""
+                  return_dict: bool = True):
+        """One generic fused step on `table` row `index`; returns diffusers' output (or tuple).
+
+        Every sampler's `step` takes `out=`: prev_sample is written into that buffer (it may be
+        `sample` itself: an in-place step) and pred_original_sample is not computed (the loop's
+        fast path, fastdiff.sample).
+        """
         if isinstance(sample_offset, bool) or not isinstance(sample_offset, (int, np.integer)) or sample_offset < 0:
             raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != sample.shape
+                                or out.dtype != sample.dtype or out.device != sample.device):
+            raise ValueError(f"out must be a tensor like sample ({tuple(sample.shape)}, {sample.dtype}, "
+                             f"{sample.device}), got " + (f"{tuple(out.shape)}, {out.dtype}, {out.device}"
+                                                          if isinstance(out, torch.Tensor) else type(out).__name__))
         threshold = self._threshold(model_output, sample, table, index, guidance_scale, guidance_extra, extra_scale)
-        write_x0 = self.returns_x0 if write_x0 is None else write_x0
+        write_x0 = self.returns_x0 and out is None
         prev, x0 = ops.run_step(model_output, sample, table, index, self._history_for(sample), noise, seed,
                                 int(sample_offset), guidance_scale, guidance_extra, float(extra_scale),
                                 self.variance_mode, self._clip_range(), threshold, self.history_reads,
                                 self.writes_history, self.writes_out2, advance, write_x0, out=out)
         if advance:
             self._advance_host_index()
+        x0 = x0 if write_x0 else None
         if not return_dict:
-            return (prev, x0) if write_x0 else (prev,)
-        return SamplerOutput(prev_sample=prev, pred_original_sample=x0 if write_x0 else None)
+            return (prev, x0) if self.returns_x0 else (prev,)
+        return SamplerOutput(prev_sample=prev, pred_original_sample=x0)
 
     # ---- training-side helpers --------------------------------------------------------------
-    def _q_sample_table(self, device: torch.device) -> torch.Tensor:
-        """[T + 1, Q_WIDTH] rows sqrt(abar_t), sqrt(1 - abar_t) as diffusers computes them (float32), targets eps."""
+    def _q_sample_table(self, device: torch.device, target: str) -> torch.Tensor:
+        """[T + 1, Q_WIDTH] rows: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n (DDPM eq. 4, float32 as diffusers
+        computes add_noise) and `target` = p x0 + q n for `target` in epsilon / sample / v_prediction."""
         def make(d):
             abar = self.alphas_cumprod.to(torch.float32)
             a, b = abar ** 0.5, (1 - abar) ** 0.5
-            return T.q_sample_table(a, b, torch.zeros_like(a), torch.ones_like(a)).to(d)
-        return self._on(device, ("q_sample", id(self.alphas_cumprod)), make)
+            p, q = {"epsilon": (0 * a, 1 + 0 * a), "sample": (1 + 0 * a, 0 * a),
+                    "v_prediction": (-b, a)}[target]  # v = sqrt(abar) n - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+            return T.q_sample_table(a, b, p, q).to(d)
+        return self._on(device, ("q_sample", target, id(self.alphas_cumprod)), make)
+
+    def training_table(self, device: torch.device) -> torch.Tensor:
+        """The q-sample table of training: x_t and this sampler's regression target, per timestep."""
+        return self._q_sample_table(device, self.config.prediction_type)
 
     def training_timesteps(self, timesteps, like: torch.Tensor) -> torch.Tensor:
         """[batch] int64 training timesteps on like's device (host values checked; device ones unchecked:
@@ -354,23 +384,21 @@ class BaseSampler(ConfigMixin):
                 raise ValueError(f"timesteps must be in [0, {T_}), got {bad.tolist()[:5]}")
         return t.to(device=like.device, dtype=torch.int64).expand(like.shape[0]).contiguous()
 
-    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, velocity: bool):
+    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, target: str) -> torch.Tensor:
         if noise.shape != x0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but {names} has shape {tuple(x0.shape)}")
-        table = self._q_sample_table(x0.device)
-        if velocity:  # v = sqrt(abar) n - sqrt(1 - abar) x0 (Salimans & Ho 2022, sec. 4)
-            table = torch.stack([table[:, T.Q_A], table[:, T.Q_B], -table[:, T.Q_B], table[:, T.Q_A]], dim=1)
-        x_t, target, _ = ops.run_q_sample(x0, table, self.training_timesteps(timesteps, x0), noise.to(x0.device),
-                                          0, 0, velocity, False)
-        return target if velocity else x_t
+        x_t, velocity, _ = ops.run_q_sample(x0, self._q_sample_table(x0.device, target),
+                                            self.training_timesteps(timesteps, x0), noise.to(x0.device), 0, 0,
+                                            target == "v_prediction", False)
+        return velocity if target == "v_prediction" else x_t
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), per-sample timesteps."""
-        return self._q_sample(original_samples, noise, timesteps, "original_samples", velocity=False)
+        return self._q_sample(original_samples, noise, timesteps, "original_samples", "epsilon")
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """v = sqrt(abar_t) noise - sqrt(1 - abar_t) sample (Salimans & Ho 2022, sec. 4)."""
-        return self._q_sample(sample, noise, timesteps, "sample", velocity=True)
+        return self._q_sample(sample, noise, timesteps, "sample", "v_prediction")
 
 
 def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:

@@ -106,8 +106,8 @@ class DDIMSampler(BaseSampler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[torch.Tensor] = None,
              return_dict: bool = True, *, seed: Optional[int] = None, guidance_scale: Optional[float] = None,
-             sample_offset: int = 0):
-        """One DDIM step (DDIM eq. 12; sigma_t = eta * eq. 16) in one fused op."""
+             sample_offset: int = 0, out: Optional[torch.Tensor] = None):
+        """One DDIM step (DDIM eq. 12; sigma_t = eta * eq. 16) in one fused op (`out=`: see BaseSampler)."""
         self._steps()
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"eta must be a float >= 0, got {eta!r}")
@@ -117,4 +117,4 @@ class DDIMSampler(BaseSampler):
         table = self._table(sample.device, eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
         return self._run_step(model_output, sample, table, index, noise=noise if eta > 0 else None,
                               seed=seed, sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              return_dict=return_dict)
+                              out=out, return_dict=return_dict)

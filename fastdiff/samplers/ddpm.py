@@ -163,8 +163,8 @@ class DDPMSampler(BaseSampler):
     # ---- the step -----------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-             guidance_scale: Optional[float] = None, sample_offset: int = 0):
-        """One reverse step x_t -> x_{t-1} (DDPM Algorithm 2 / eq. 7) in one fused op."""
+             guidance_scale: Optional[float] = None, sample_offset: int = 0, out: Optional[torch.Tensor] = None):
+        """One reverse step x_t -> x_{t-1} (DDPM Algorithm 2 / eq. 7) in one fused op (`out=`: see BaseSampler)."""
         learned = self.config.variance_type in ("learned", "learned_range")
         self._check_step_inputs(model_output, sample, guidance_scale, learned)
         if self.config.variance_type == "learned" and model_output.shape[1] != 2 * sample.shape[1]:
@@ -175,4 +175,4 @@ class DDPMSampler(BaseSampler):
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, not host_last)
         return self._run_step(model_output, sample, self._table(sample.device), index, noise=noise, seed=seed,
                               sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              return_dict=return_dict)
+                              out=out, return_dict=return_dict)
