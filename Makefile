@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 SETUP_STAMP := build/.setup-$(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])' 2>/dev/null)
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup demo test bench build-ext backends
+.PHONY: setup demo test bench build-ext backends gpu-check gpu-results
 
 $(SETUP_STAMP): $(SOURCES)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIN)
@@ -30,3 +30,13 @@ bench: setup  ## pytest-benchmark suites; ARGS="--quick" for a short CPU run
 
 build-ext:  ## rebuild the C++/CUDA extension in place (offline, torch already installed)
 	$(PYTHON) setup.py build_ext --inplace
+
+# On an NVIDIA GPU machine with torch + triton preinstalled (no network, no `make setup`): build the
+# extension with CUDA, run the cuda tests, the GPU benchmarks, the e2e loops and a profile, write
+# benchmarks/results/ + BENCHMARKS.md's GPU section (and copies in $(OUT) when set), < 9 minutes.
+# Without a GPU: one line, exit status 2. Wheels in .whl/ (e.g. diffusers) are installed offline first.
+gpu-check:  ## every GPU check in one command (see benchmarks/gpu_check.py); OUT=dir for copies of the results
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT)) $(ARGS)
+
+gpu-results:  ## after a device run: DIR=<its files> -> benchmarks/results/ and BENCHMARKS.md's GPU section
+	$(PYTHON) benchmarks/gpu_check.py --import $(DIR)

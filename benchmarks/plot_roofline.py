@@ -24,23 +24,24 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import cases  # noqa: E402
 from benchmarks.save_results import OP_ORDER, latest  # noqa: E402
 
 STYLE = {"eager": ("tab:gray", "o"), "diffusers": ("tab:orange", "s"), "compile": ("tab:purple", "^"),
+         "reference": ("tab:brown", "x"),
          "triton": ("tab:green", "D"), "cpp_cuda": ("tab:blue", "v"), "cpp_cpu": ("tab:red", "P")}
 DASH = {"fp32": "-", "fp16": "--", "bf16": ":"}
 
 
 def plot_op(ax, rows: list[dict], op: str, copy_gbps: float) -> None:
-    for provider in common.PROVIDERS:
+    for provider in cases.PROVIDERS:
         for dtype in DASH:
-            line = sorted((r for r in rows if r["provider"] == provider and r["dtype"] == dtype),
+            line = sorted((r for r in rows if r["provider"] == provider and r["dtype"] == dtype and r.get("gbps")),
                           key=lambda r: r["bytes_moved"])
             if not line:
                 continue
             color, marker = STYLE[provider]
-            label = common.PROVIDER_LABELS[provider] + ("" if dtype == "fp32" else f" {dtype}")
+            label = cases.PROVIDER_LABELS[provider] + ("" if dtype == "fp32" else f" {dtype}")
             ax.plot([r["bytes_moved"] / 2**20 for r in line], [r["gbps"] for r in line], DASH[dtype],
                     color=color, marker=marker, label=label)
     ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label=f"copy BW {copy_gbps:.1f} GB/s")
@@ -58,14 +59,14 @@ def plot_op(ax, rows: list[dict], op: str, copy_gbps: float) -> None:
 
 def plot(data: dict, out: pathlib.Path) -> pathlib.Path:
     meta, results = data["meta"], data["results"]
-    ops = [op for op in OP_ORDER if any(r["op"] == op for r in results)]
+    ops = [op for op in OP_ORDER if any(r.get("op") == op for r in results)]
     if not ops:
         raise SystemExit("no op results to plot (only e2e?)")
     cols = min(3, len(ops))
     rows_n = (len(ops) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
     for ax, op in zip(axes.flat, ops):
-        plot_op(ax, [r for r in results if r["op"] == op], op, meta["copy_gbps"])
+        plot_op(ax, [r for r in results if r.get("op") == op], op, meta["copy_gbps"])
     for ax in list(axes.flat)[len(ops):]:
         ax.axis("off")
     seen = {}  # one legend for all panels (providers can differ per op)

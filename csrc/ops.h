@@ -1,5 +1,7 @@
 // ATen side shared by the CPU and CUDA implementations: input validation and the "plan" of a
-// call (contiguous inputs in one storage dtype, outputs laid out as torch.empty_like(sample)).
+// call (contiguous inputs in one storage dtype; outputs written directly when they are contiguous
+// in that dtype and alias no input other than element for element, else through contiguous work
+// buffers copied back by finish()).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,7 +18,7 @@ using at::Tensor;
 
 // Outputs of a call and the contiguous buffers the kernels write them through.
 struct OutputPlan {
-  std::vector<Tensor> outputs;  // as returned: empty_like(like) or an empty (0,) tensor
+  std::vector<Tensor> outputs;  // tensors receiving results: the caller's, or ones the op returns
   std::vector<Tensor> work;     // contiguous, storage dtype; == outputs[i] when that already is
   std::vector<Tensor> keep;     // converted inputs kept alive during the call
   int dtype = FD_F32;           // FdDtype of the storage the kernels see
@@ -34,21 +36,19 @@ struct CfgPlan : OutputPlan {
   FdCfgArgs args{};
 };
 
-StepPlan plan_ddpm_step(const Tensor& model_output, const Tensor& sample, const Tensor& coefs,
-                        const c10::optional<Tensor>& noise, int64_t seed, int64_t sample_offset, int64_t prediction,
-                        int64_t variance_mode, c10::optional<double> clip_sample_range,
-                        const c10::optional<Tensor>& threshold, c10::optional<double> guidance_scale,
-                        bool write_x0);
+// The generic step (fastdiff.ops, backend signature; fastdiff.eager is the ground truth). Outputs:
+// out, x0_out (optional) and the history slots the row names (when written).
+StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tensor& table, const Tensor& index,
+                   const Tensor& history, const Tensor& out, const c10::optional<Tensor>& x0_out,
+                   const c10::optional<Tensor>& noise, c10::optional<int64_t> seed, int64_t sample_offset,
+                   c10::optional<double> guidance_scale, const c10::optional<Tensor>& guidance_extra,
+                   double extra_scale, int64_t variance, c10::optional<double> clip_range,
+                   const c10::optional<Tensor>& threshold, int64_t history_reads, bool write_history,
+                   bool write_out2, bool advance);
 
-StepPlan plan_ddim_step(const Tensor& model_output, const Tensor& sample, const Tensor& coefs,
-                        const c10::optional<Tensor>& noise, int64_t seed, int64_t sample_offset, int64_t prediction,
-                        double eta, bool use_clipped_model_output, c10::optional<double> clip_sample_range,
-                        const c10::optional<Tensor>& threshold, c10::optional<double> guidance_scale,
-                        bool write_x0);
-
-QSamplePlan plan_q_sample(const Tensor& x0, const Tensor& timesteps, const Tensor& alphas_cumprod,
-                          const c10::optional<Tensor>& noise, int64_t seed, int64_t sample_offset, bool write_noise,
-                          bool write_v);
+QSamplePlan plan_q_sample(const Tensor& x0, const Tensor& table, const Tensor& index,
+                          const c10::optional<Tensor>& noise, int64_t seed, int64_t sample_offset, const Tensor& x_t,
+                          const c10::optional<Tensor>& target, const c10::optional<Tensor>& noise_out);
 
 CfgPlan plan_cfg_combine(const Tensor& uncond, const Tensor& cond, double guidance_scale);
 
@@ -59,8 +59,5 @@ std::tuple<Tensor, Tensor, FdPhiloxArgs> plan_philox_randn(const Tensor& like, i
 
 // Copies work buffers into outputs that are not themselves contiguous in the storage dtype.
 void finish(OutputPlan& plan);
-
-std::tuple<Tensor, Tensor> finish2(OutputPlan& plan);
-std::tuple<Tensor, Tensor, Tensor> finish3(OutputPlan& plan);
 
 }  // namespace fastdiff

@@ -193,29 +193,33 @@ struct FdStepOut {
 };
 
 // One element of the generic step (fastdiff.reference.step). NOISE: the step has noise n with std
-// `std` (pre-noise and the std term); NH: how many history terms are evaluated (0: out2 and hist
-// are not computed either; 4: h[0..3], unused ones neutral through the coefficients).
+// `std` (the pre-noise and std terms); NH: 0 (no history terms; out2 and hist are not computed) or
+// 4 (h1 .. h4, unused ones made neutral by their coefficients). Scalars, not arrays, so the CPU
+// loops vectorise.
 template <int NH, bool NOISE, typename C>
 FD_HOST_DEVICE inline FdStepOut<C> fd_step_element(const FdStepCoefs<C>& k, const FdClip<C>& clip, C x, C m, C n,
-                                                   C std, const C* h) {
+                                                   C std, C h1, C h2, C h3, C h4) {
+  static_assert(NH == 0 || NH == FD_MAX_HISTORY_READS, "history terms: none or all four");
   FdStepOut<C> r;
   if (NOISE) x = x + k.pre_noise * n;
   r.x0 = fd_clamp((k.x0_x * x + k.x0_m * m) * k.x0_scale, clip.lo, clip.hi) / clip.div;
   C o = k.out_x * x + k.out_m * m;
   o = o + k.out_x0 * r.x0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int j = 0; j < NH; ++j) o = o + k.out_h[j] * h[j];
+  if (NH > 0) {
+    o = o + k.out_h[0] * h1;
+    o = o + k.out_h[1] * h2;
+    o = o + k.out_h[2] * h3;
+    o = o + k.out_h[3] * h4;
+  }
   if (NOISE) o = o + std * n;
   r.out = o;
   if (NH > 0) {
     C o2 = k.out2_x * x + k.out2_m * m;
     o2 = o2 + k.out2_x0 * r.x0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int j = 0; j < NH; ++j) o2 = o2 + k.out2_h[j] * h[j];
+    o2 = o2 + k.out2_h[0] * h1;
+    o2 = o2 + k.out2_h[1] * h2;
+    o2 = o2 + k.out2_h[2] * h3;
+    o2 = o2 + k.out2_h[3] * h4;
     r.out2 = o2;
     C hs = k.hist_x * x + k.hist_m * m;
     r.hist = hs + k.hist_x0 * r.x0;

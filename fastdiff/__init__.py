@@ -7,8 +7,11 @@ from . import backends  # callable: fastdiff.backends() prints which backend run
 from . import noise, ops, reference, schedules, tables
 from .loop import sample
 from .samplers import DDIMSampler, DDPMSampler, SamplerOutput
+from .samplers import EulerAncestralDiscreteSampler, EulerDiscreteSampler, FlowMatchEulerDiscreteSampler
+from .samplers import DPMSolverMultistepSampler, UniPCMultistepSampler
 from .training import diffusion_loss
 
 
-__all__ = ["DDPMSampler", "DDIMSampler", "SamplerOutput", "backends", "diffusion_loss", "noise", "ops", "reference",
-           "sample", "schedules", "tables", "__version__"]
+__all__ = ["DDPMSampler", "DDIMSampler", "EulerDiscreteSampler", "EulerAncestralDiscreteSampler",
+           "FlowMatchEulerDiscreteSampler", "SamplerOutput", "backends", "diffusion_loss", "noise", "ops", "reference",
+           "sample", "schedules", "tables", "__version__", "DPMSolverMultistepSampler", "UniPCMultistepSampler"]

@@ -1,9 +1,10 @@
-"""The "cpp" backend: the C++/CUDA extension `fastdiff._C` behind the op signatures of `fastdiff.ops`.
+"""The "cpp" backend: the C++/CUDA extension `fastdiff._C` behind the backend signatures of `fastdiff.ops`.
 
-Importing `fastdiff._C` registers the `torch.ops.fastdiff_C` ops (csrc/ops.cpp). This module turns
-the string arguments of `fastdiff.ops` into the kernels' int codes, registers the fake (meta)
-implementations of the `fastdiff_C` ops, and says why the extension cannot run when it cannot.
-Build it in a source checkout with `python setup.py build_ext --inplace`.
+Importing `fastdiff._C` registers the `torch.ops.fastdiff_C` ops (csrc/ops.cpp). This module
+calls them with the out-variant signatures every backend shares (fastdiff/ops.py docstring;
+fastdiff/eager.py is the ground truth), registers the fake (meta) implementations of the
+`fastdiff_C` ops, and says why the extension cannot run when it cannot. Build it in a source
+checkout with `python setup.py build_ext --inplace`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Optional
 import torch
 
 from . import noise as N
-from . import tables as T
 
 Tensor = torch.Tensor
 
@@ -31,7 +31,7 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff_C::ddpm_step", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("fastdiff_C::step", "CUDA"):
             return "the extension fastdiff._C was built without CUDA (torch without CUDA, or nvcc not found)"
         if not torch.cuda.is_available():
             return "no CUDA device"
@@ -39,80 +39,59 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"device type {device_type!r} is not supported (cpu, cuda)"
 
 
-def _prediction(prediction_type: str) -> int:
-    if prediction_type not in T.PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {T.PREDICTION_TYPES}, got {prediction_type!r}")
-    return T.prediction_code(prediction_type)
+if _LOAD_ERROR is None:
+    _step_op = torch.ops.fastdiff_C.step.default
+    _q_sample_op = torch.ops.fastdiff_C.q_sample.default
+    _cfg_op = torch.ops.fastdiff_C.cfg_combine.default
 
 
-def _variance(variance_type: str) -> int:
-    if variance_type not in T.VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {T.VARIANCE_TYPES}, got {variance_type!r}")
-    return T.variance_mode(variance_type)
+def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor, out: Tensor,
+         x0_out: Optional[Tensor], noise: Optional[Tensor], seed: Optional[int], sample_offset: int,
+         guidance_scale: Optional[float], guidance_extra: Optional[Tensor], extra_scale: float, variance: int,
+         clip_range: Optional[float], threshold: Optional[Tensor], history_reads: int, write_history: bool,
+         write_out2: bool, advance: bool) -> None:
+    """The generic step (fastdiff.eager.step semantics), writing `out`, `x0_out` and the history slots."""
+    if seed is not None and noise is None:
+        N.check_seed(seed)
+    _step_op(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset, guidance_scale,
+             guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2,
+             advance)
 
 
-def _seed(seed: int) -> int:
-    return N.check_seed(int(seed))
-
-
-def ddpm_step(model_output: Tensor, sample: Tensor, coefs: Tensor, noise: Optional[Tensor], seed: int,
-              sample_offset: int, prediction_type: str, variance_type: str, clip_sample_range: Optional[float],
-              threshold: Optional[Tensor], guidance_scale: Optional[float], write_x0: bool) -> tuple[Tensor, Tensor]:
-    return torch.ops.fastdiff_C.ddpm_step(model_output, sample, coefs, noise, _seed(seed), sample_offset,
-                                          _prediction(prediction_type), _variance(variance_type), clip_sample_range,
-                                          threshold, guidance_scale, write_x0)
-
-
-def ddim_step(model_output: Tensor, sample: Tensor, coefs: Tensor, noise: Optional[Tensor], seed: int,
-              sample_offset: int, prediction_type: str, eta: float, use_clipped_model_output: bool,
-              clip_sample_range: Optional[float], threshold: Optional[Tensor], guidance_scale: Optional[float],
-              write_x0: bool) -> tuple[Tensor, Tensor]:
-    return torch.ops.fastdiff_C.ddim_step(model_output, sample, coefs, noise, _seed(seed), sample_offset,
-                                          _prediction(prediction_type), float(eta), use_clipped_model_output,
-                                          clip_sample_range, threshold, guidance_scale, write_x0)
-
-
-def q_sample(x0: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, noise: Optional[Tensor], seed: int,
-             sample_offset: int, write_noise: bool, write_v: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.ops.fastdiff_C.q_sample(x0, timesteps, alphas_cumprod, noise, _seed(seed), sample_offset,
-                                         write_noise, write_v)
+def q_sample(x0: Tensor, table: Tensor, index: Tensor, noise: Optional[Tensor], seed: int, sample_offset: int,
+             x_t: Tensor, target: Optional[Tensor], noise_out: Optional[Tensor]) -> None:
+    """x_t (and target, noise) from one q-sample row per sample (fastdiff.eager.q_sample semantics)."""
+    _q_sample_op(x0, table, index, noise, N.check_seed(seed) if noise is None else int(seed), sample_offset, x_t,
+                 target, noise_out)
 
 
 def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
-    return torch.ops.fastdiff_C.cfg_combine(uncond, cond, float(guidance_scale))
+    return _cfg_op(uncond, cond, float(guidance_scale))
 
 
 def philox_randn(like: Tensor, seed: int, counter: int = 0, stream: int = N.STREAM_STEP,
                  sample_offset: int = 0) -> tuple[Tensor, Tensor]:
     """The raw stream (tests): float32 normals shaped like `like` and int64 [2, *like.shape]: per element,
     the Philox word its normal comes from and that word's Box-Muller partner (tests/philox_oracle.randn)."""
-    return torch.ops.fastdiff_C.philox_randn(like, _seed(seed), counter, stream, sample_offset)
-
-
-def _like(x: Tensor, wanted: bool = True) -> Tensor:
-    return torch.empty_like(x) if wanted else x.new_empty((0,))
+    return torch.ops.fastdiff_C.philox_randn(like, N.check_seed(int(seed)), counter, stream, sample_offset)
 
 
 def _register_fakes() -> None:
-    """Fake (meta) kernels of the fastdiff_C ops: shapes only, as the C++ implementations lay out."""
+    """Fake (meta) kernels of the fastdiff_C ops: shapes only (the out-variant ops return nothing)."""
 
-    @torch.library.register_fake("fastdiff_C::ddpm_step")
-    def _(model_output, sample, coefs, noise, seed, sample_offset, prediction, variance_mode, clip_sample_range,
-          threshold, guidance_scale, write_x0):
-        return _like(sample), _like(sample, write_x0)
-
-    @torch.library.register_fake("fastdiff_C::ddim_step")
-    def _(model_output, sample, coefs, noise, seed, sample_offset, prediction, eta, use_clipped_model_output,
-          clip_sample_range, threshold, guidance_scale, write_x0):
-        return _like(sample), _like(sample, write_x0)
+    @torch.library.register_fake("fastdiff_C::step")
+    def _(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset, guidance_scale,
+          guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2,
+          advance):
+        return None
 
     @torch.library.register_fake("fastdiff_C::q_sample")
-    def _(x0, timesteps, alphas_cumprod, noise, seed, sample_offset, write_noise, write_v):
-        return _like(x0), _like(x0, write_noise), _like(x0, write_v)
+    def _(x0, table, index, noise, seed, sample_offset, x_t, target, noise_out):
+        return None
 
     @torch.library.register_fake("fastdiff_C::cfg_combine")
     def _(uncond, cond, guidance_scale):
-        return _like(cond)
+        return torch.empty_like(cond)
 
     @torch.library.register_fake("fastdiff_C::philox_randn")
     def _(like, seed, counter, stream, sample_offset):

@@ -100,16 +100,25 @@ def _candidates(device_type: str, forced: str | None) -> tuple[str, ...]:
     return DEFAULT_ORDER.get(device_type, ("reference",))
 
 
+# os.environ.get costs ~1.7 us (it encodes the key); its backing dict answers the same in ~0.1 us.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON_DATA is not None else None
+
+
+def _forced_raw():
+    return _ENVIRON_DATA.get(_ENV_KEY) if _ENVIRON_DATA is not None else os.environ.get(ENV_VAR)
+
+
 def select(op: str, tensor: torch.Tensor) -> ModuleType:
     """The backend module that runs `op` on `tensor`'s device and dtype (first available in order).
 
     Cached per (op, device, dtype, FASTDIFF_BACKEND): after the first call of a kind, one dict lookup.
     """
-    return _select(op, tensor.device, tensor.dtype, os.environ.get(ENV_VAR))
+    return _select(op, tensor.device, tensor.dtype, _forced_raw())
 
 
 @functools.lru_cache(maxsize=None)
-def _select(op: str, device: torch.device, dtype: torch.dtype, forced_env: str | None) -> ModuleType:
+def _select(op: str, device: torch.device, dtype: torch.dtype, forced_env) -> ModuleType:
     forced = _forced()
     reasons = []
     for name in _candidates(device.type, forced):

@@ -19,7 +19,8 @@ out-variant functions:
 Semantics (the reference, fastdiff/eager.py, is the ground truth):
 - `table` [R, tables.WIDTH] float32 and `index` int64 [1] on the sample's device: the step reads
   row `index` (the NaN sentinel row R - 1 when the index is outside [0, R - 1)); with `advance`
-  it then adds 1 to `index` on the device (the sampler's step counter).
+  the backend then adds 1 to `index` on the device (the sampler's step counter; the registered
+  op leaves that to `run_step`).
 - `model_output` is [B or 2B (guidance: [uncond; cond]), C or 2C ([prediction; variance]), ...]
   for a sample [B, C, ...]; `guidance_extra` (SD3 skip-layer) is a [B, ...] prediction.
 - Noise: `noise` as given; else, with `seed`, Philox normals (fastdiff.noise) with counter
@@ -47,24 +48,28 @@ def _like(x: Tensor, wanted: bool = True) -> Tensor:
     return torch.empty_like(x) if wanted else x.new_empty((0,))
 
 
-@torch.library.custom_op("fastdiff::step", mutates_args=("index", "history"))
+@torch.library.custom_op("fastdiff::step", mutates_args=("history",))
 def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor,
          noise: Optional[Tensor], seed: Optional[int], sample_offset: int, guidance_scale: Optional[float],
          guidance_extra: Optional[Tensor], extra_scale: float, variance: int, clip_range: Optional[float],
-         threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool, advance: bool,
+         threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool,
          write_x0: bool) -> tuple[Tensor, Tensor]:
-    """The generic step (fastdiff.tables). Returns (prev_sample, pred_original_sample or (0,))."""
+    """The generic step (fastdiff.tables). Returns (prev_sample, pred_original_sample or (0,)).
+
+    The registered op never advances `index` (an index is often a view of a timestep tensor, and
+    mutated aliased inputs are fragile under tracing); `run_step` adds 1 to it after the op.
+    """
     prev, x0 = _like(sample), _like(sample, write_x0)
     backends.select("step", sample).step(
         model_output, sample, table, index, history, prev, x0 if write_x0 else None, noise, seed, sample_offset,
         guidance_scale, guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
-        write_out2, advance)
+        write_out2, False)
     return prev, x0
 
 
 @step.register_fake
 def _(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale, guidance_extra,
-      extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2, advance, write_x0):
+      extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2, write_x0):
     return _like(sample), _like(sample, write_x0)
 
 
@@ -107,9 +112,12 @@ def run_step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor,
              write_x0: bool, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """`step` without the dispatcher: the backend's function on (optionally) the caller's `out` buffer."""
     if _traced(sample):
-        return step(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale,
-                    guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
-                    write_out2, advance, write_x0)
+        prev, x0 = step(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale,
+                        guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,
+                        write_out2, write_x0)
+        if advance:
+            index.add_(1)
+        return prev, x0
     prev = torch.empty_like(sample) if out is None else out
     x0 = _like(sample, write_x0)
     backends.select("step", sample).step(

@@ -103,6 +103,7 @@ def row_pointer(table_ptr, index, num_rows, WIDTH: tl.constexpr):
 
 @triton.jit
 def nan_to_zero(x):
+    """NaN -> 0 (torch.nan_to_num for the integers a row holds: counters, slots)."""
     return tl.where(x == x, x, 0.0)
 
 
@@ -138,7 +139,9 @@ def check_choice(name: str, value, allowed: tuple) -> None:
 
 def check_table(name: str, table, device: torch.device, width: int, what: str) -> torch.Tensor:
     """A float32 [R >= 1, width] table on the sample's device, contiguous (a no-op when it is)."""
-    check_tensor(name, table, device, dtypes=(torch.float32,))
+    check_tensor(name, table, device, dtypes=None)
+    if table.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {table.dtype}, expected torch.float32 ({what})")
     if table.dim() != 2 or table.shape[1] != width or table.shape[0] < 1:
         raise ValueError(f"{name} has shape {tuple(table.shape)}, expected [rows >= 1, {width}] ({what}, "
                          "the last row the NaN sentinel)")

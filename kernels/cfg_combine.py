@@ -1,6 +1,6 @@
 """Classifier-free guidance as one elementwise kernel (Ho & Salimans 2022, eq. 6): u + w (c - u).
 
-For a guided step prefer the `guidance_scale` argument of ddpm_step / ddim_step, which fuses this
+For a guided step prefer the `guidance_scale` argument of the step op, which fuses this
 into the step and saves a round trip of the guided prediction through memory.
 """
 from __future__ import annotations

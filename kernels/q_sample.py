@@ -1,8 +1,13 @@
-"""Fused forward noising with per-sample timesteps (DDPM eq. 4), for training.
+"""Fused forward noising for training, one q-sample row per sample (fastdiff.tables, Q_*):
 
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n, with abar_t gathered from the fp32 table inside the
-kernel (no host sync); optionally writes n and the v-target v = sqrt(abar_t) n - sqrt(1 - abar_t) x0
-(Salimans & Ho 2022, sec. 4). A timestep outside the table gives NaN (never an out-of-bounds read).
+    x_t    = Q_A x0 + Q_B n        (DDPM eq. 4 and its relatives: flow matching, EDM, ...)
+    target = Q_P x0 + Q_Q n        (the regression target: eps, v (Salimans & Ho 2022, sec. 4), flow, x0)
+
+Row index[b] of the [R, Q_WIDTH] table is gathered in the kernel (an index outside [0, R - 1)
+reads the NaN sentinel row R - 1: NaN, never an out-of-bounds read, no host sync). The noise is
+given, or drawn in the kernel (Philox, counter 0, stream STREAM_Q_SAMPLE) and rounded to x0's
+storage dtype before use, so x_t is made of exactly the noise written to `noise_out`.
+Semantics: fastdiff/eager.py q_sample; signature: fastdiff/ops.py.
 """
 from __future__ import annotations
 
@@ -12,58 +17,65 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff import noise as N
+from fastdiff import tables as T
+
 from . import _common as C
-from ._common import STREAM_Q_SAMPLE, philox_normals, sample_offsets, to_storage
+from ._common import STREAM_Q_SAMPLE, philox_normals, row_pointer, sample_offsets, to_storage
+
+Q_WIDTH = tl.constexpr(T.Q_WIDTH)
+COL_A, COL_B, COL_P, COL_Q = tl.constexpr(T.Q_A), tl.constexpr(T.Q_B), tl.constexpr(T.Q_P), tl.constexpr(T.Q_Q)
 
 
-@triton.jit(do_not_specialize=["seed", "sample_offset", "b0"])
-def _q_sample_kernel(x0_ptr, t_ptr, abar_ptr, noise_ptr, xt_ptr, noise_out_ptr, v_ptr,
-                     per_sample, num_timesteps, sample_offset, seed, b0,
-                     HAS_NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr, WRITE_V: tl.constexpr,
+@triton.jit(do_not_specialize=["num_rows", "sample_offset", "seed", "b0"],
+            do_not_specialize_on_alignment=["table_ptr", "index_ptr"])  # per-call values; read once per program
+def _q_sample_kernel(x0_ptr, table_ptr, index_ptr, noise_ptr, xt_ptr, target_ptr, noise_out_ptr,
+                     per_sample, num_rows, sample_offset: tl.int64, seed: tl.int64, b0,
+                     HAS_NOISE: tl.constexpr, WRITE_TARGET: tl.constexpr, WRITE_NOISE: tl.constexpr,
                      BLOCK: tl.constexpr):
     b = b0 + tl.program_id(1)
     q, _, off, mask = sample_offsets(tl.program_id(0), b, per_sample, BLOCK)
-    t = tl.load(t_ptr + b).to(tl.int64)
-    valid = (t >= 0) & (t < num_timesteps)
-    abar = tl.where(valid, tl.load(abar_ptr + tl.where(valid, t, 0)), float("nan"))
-    a, s = tl.sqrt_rn(abar), tl.sqrt_rn(1.0 - abar)
+    row = row_pointer(table_ptr, tl.load(index_ptr + b), num_rows, Q_WIDTH)
     x0 = tl.load(x0_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         n = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    else:  # rounded to the storage dtype first: x_t is made of exactly the noise we return
+    else:  # rounded to x0's storage dtype first: x_t is made of exactly the noise returned
         n = philox_normals(seed, q, sample_offset.to(tl.int64) + b, 0, STREAM_Q_SAMPLE)
-        n = to_storage(n, xt_ptr).to(tl.float32)
-    tl.store(xt_ptr + off, to_storage(a * x0 + s * n, xt_ptr), mask=mask)  # DDPM eq. 4
+        n = to_storage(n, x0_ptr).to(tl.float32)
+    tl.store(xt_ptr + off, to_storage(tl.load(row + COL_A) * x0 + tl.load(row + COL_B) * n, xt_ptr), mask=mask)
+    if WRITE_TARGET:
+        target = tl.load(row + COL_P) * x0 + tl.load(row + COL_Q) * n
+        tl.store(target_ptr + off, to_storage(target, target_ptr), mask=mask)
     if WRITE_NOISE:
         tl.store(noise_out_ptr + off, to_storage(n, noise_out_ptr), mask=mask)
-    if WRITE_V:
-        tl.store(v_ptr + off, to_storage(a * n - s * x0, v_ptr), mask=mask)
 
 
-def q_sample(x0: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor],
-             seed: int, sample_offset: int, write_noise: bool, write_v: bool, *,
-             out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastdiff.ops.q_sample on the Triton kernel. Returns (x_t, noise or (0,), v or (0,))."""
+def q_sample(x0: torch.Tensor, table: torch.Tensor, index: torch.Tensor, noise: Optional[torch.Tensor], seed: int,
+             sample_offset: int, x_t: torch.Tensor, target: Optional[torch.Tensor],
+             noise_out: Optional[torch.Tensor]) -> None:
+    """fastdiff.ops' backend `q_sample` on the Triton kernel: writes x_t, and target / noise_out when given."""
     C.check_tensor("x0", x0)
     dev = x0.device
-    C.check_tensor("timesteps", timesteps, dev, dtypes=(torch.int64, torch.int32))
-    C.check_shape("timesteps", timesteps, (x0.shape[0],), " (one timestep per sample)")
-    C.check_tensor("alphas_cumprod", alphas_cumprod, dev, dtypes=(torch.float32,))
-    if alphas_cumprod.dim() != 1:
-        raise ValueError(f"alphas_cumprod must be 1-D [num_train_timesteps], got shape {tuple(alphas_cumprod.shape)}")
+    table = C.check_table("table", table, dev, T.Q_WIDTH, "q-sample rows of fastdiff.tables.q_sample_table")
+    index = C.check_index("index", index, dev, x0.shape[0] if x0.dim() else 1, "one table row per sample")
+    sample_offset = C.check_int("sample_offset", sample_offset, 0)
     if noise is not None:
         C.check_tensor("noise", noise, dev)
         C.check_shape("noise", noise, x0.shape, " (x0's shape)")
-    xt = C.output(x0, out)
-    noise_out = torch.empty_like(x0) if write_noise else x0.new_empty((0,))
-    v = torch.empty_like(x0) if write_v else x0.new_empty((0,))
-    bufs = [C.writable(xt), C.writable(noise_out) if write_noise else xt, C.writable(v) if write_v else xt]
+        seed = 0  # an explicit noise ignores the seed
+    else:
+        seed = N.check_seed(seed)
+    if x_t is None:
+        raise TypeError("x_t must be a tensor like x0 (q_sample writes the noised sample into it), got None")
+    outputs = [(x_t, "x_t"), (target, "target"), (noise_out, "noise_out")]
+    results = [C.output(x0, t, name) if t is not None else None for t, name in outputs]
+    buffers = [C.writable(t) if t is not None else None for t in results]
     per_sample = C.per_sample_size(x0)
     C.launch_per_sample(
         _q_sample_kernel, x0.shape[0], per_sample, dev,
-        x0.contiguous(), timesteps.contiguous(), alphas_cumprod.contiguous(),
-        noise.contiguous() if noise is not None else x0, *bufs, per_sample, alphas_cumprod.shape[0],
-        int(sample_offset), C.kernel_seed(seed, noise),
-        HAS_NOISE=noise is not None, WRITE_NOISE=write_noise, WRITE_V=write_v)
-    C.finish(xt, bufs[0])
-    return xt, (C.finish(noise_out, bufs[1]) if write_noise else noise_out), (C.finish(v, bufs[2]) if write_v else v)
+        x0.contiguous(), table, index, noise.contiguous() if noise is not None else None, *buffers,
+        per_sample, table.shape[0], sample_offset, seed,
+        HAS_NOISE=noise is not None, WRITE_TARGET=target is not None, WRITE_NOISE=noise_out is not None)
+    for result, buffer in zip(results, buffers):
+        if result is not None:
+            C.finish(result, buffer)

@@ -42,11 +42,14 @@ def test_ddim_eta_above_one_is_finite():
 
 
 def test_device_timestep_outside_schedule_gives_nan_not_garbage():
+    """A device timestep the schedule does not have (7) or past the table (5000) reads the NaN row."""
     sampler = fastdiff.DDPMSampler()
     sampler.set_timesteps(10)
-    sample = torch.randn(1, 3, 4, 4)
-    # A CPU tensor under torch.compile, or any accelerator tensor, takes the device path:
-    row = fastdiff.tables.gather_row(sampler._table_on(sample.device), torch.tensor(7))
-    assert torch.isnan(row).all()
-    row = fastdiff.tables.gather_row(sampler._table_on(sample.device), torch.tensor(5000))
-    assert torch.isnan(row).all()
+    sample, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    table = sampler._table(sample.device)
+    for t in (7, 5000, -1):
+        assert torch.isnan(fastdiff.tables.gather_row(table, torch.tensor([t]))).all()
+    # An accelerator timestep (or a CPU one under torch.compile) is used as the row index unchecked:
+    out = fastdiff.ops.run_step(eps, sample, table, torch.tensor([7]), torch.empty(0), None, 1, 0, None, None, 0.0, 0,
+                                None, None, 0, False, False, False, True)
+    assert torch.isnan(out[0]).all() and torch.isnan(out[1]).all()

@@ -21,9 +21,13 @@ def no_recompiles():
 
 
 def compiled_loop(sampler, steps, step_kwargs):
+    """A compiled and an eager loop side by side. Tables for step options other than the defaults (DDIM's
+    eta) are built at their first use; one eager step first builds them, as set_timesteps does for the
+    defaults, so the compiled step finds them and never recompiles."""
     sampler.set_timesteps(steps)
-    step = torch.compile(sampler.step, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sampler.step(torch.tanh(x), sampler.timesteps[0], x, **step_kwargs)
+    step = torch.compile(sampler.step, fullgraph=True, backend="aot_eager")
     eager = x.clone()
     for t in sampler.timesteps:  # 0-d int64 tensors: the device-gather path under compile
         eps = torch.tanh(x)

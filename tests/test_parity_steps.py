@@ -1,7 +1,9 @@
 """Single steps vs diffusers over the grid of every config option (DESIGN "oracle chain").
 
-Runs on the default CPU backend (the C++ extension when built) and, via FASTDIFF_BACKEND, on
-the reference; the Triton and C++ kernels are checked against the reference in their own files.
+Two pairings: the default tables (derived in diffusers' float32 operation order) against stock
+diffusers, and `table_dtype="float64"` against diffusers with float64 tables (`exact`). Runs on the
+default CPU backend (the C++ extension when built) and, via FASTDIFF_BACKEND, on the reference;
+the Triton and C++ kernels are checked against the reference in their own files.
 """
 import itertools
 
@@ -23,6 +25,17 @@ def backend(request, monkeypatch):
     if request.param == "reference":
         monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     return request.param
+
+
+@pytest.fixture(params=[("default", "float32"), ("reference", "float32"), ("default", "float64")],
+                ids=["default-float32", "reference-float32", "default-float64"])
+def twin(request, monkeypatch):
+    """(table_dtype, the diffusers scheduler it must match): stock for float32 tables, exact for float64
+    (that pairing on the default backend only: the backends are compared with each other in their own files)."""
+    backend, table_dtype = request.param
+    if backend == "reference":
+        monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    return table_dtype, (stock if table_dtype == "float32" else exact)
 
 
 def make_inputs(dtype, layout, channels=3, seed=0):
@@ -58,19 +71,23 @@ def run_steps(ours, theirs, step_kwargs, dtype, layout, channels):
 
 @pytest.mark.parametrize("variance,prediction,clipping", list(itertools.product(VARIANCE, PREDICTION, CLIPPING)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ddpm_step_grid(backend, variance, prediction, clipping, dtype):
+def test_ddpm_step_grid(twin, variance, prediction, clipping, dtype):
+    table_dtype, theirs = twin
     config = dict(variance_type=variance, prediction_type=prediction, **CLIPPING[clipping])
     channels = 6 if variance.startswith("learned") else 3
-    run_steps(fastdiff.DDPMSampler(**config), exact("DDPMScheduler", **config), {}, dtype, "contiguous", channels)
+    run_steps(fastdiff.DDPMSampler(**config, table_dtype=table_dtype), theirs("DDPMScheduler", **config), {}, dtype,
+              "contiguous", channels)
 
 
 @pytest.mark.parametrize("prediction,clipping", list(itertools.product(PREDICTION, CLIPPING)))
 @pytest.mark.parametrize("eta,clipped", [(0.0, False), (0.5, True), (1.0, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ddim_step_grid(backend, prediction, clipping, eta, clipped, dtype):
+def test_ddim_step_grid(twin, prediction, clipping, eta, clipped, dtype):
+    table_dtype, theirs = twin
     config = dict(prediction_type=prediction, **CLIPPING[clipping])
     kwargs = dict(eta=eta, use_clipped_model_output=clipped)
-    run_steps(fastdiff.DDIMSampler(**config), exact("DDIMScheduler", **config), kwargs, dtype, "contiguous", 3)
+    run_steps(fastdiff.DDIMSampler(**config, table_dtype=table_dtype), theirs("DDIMScheduler", **config), kwargs,
+              dtype, "contiguous", 3)
 
 
 @pytest.mark.parametrize("layout", ["strided", "channels_last"])
@@ -83,31 +100,39 @@ def test_layouts(backend, layout, name, cls, kwargs):
 @pytest.mark.parametrize("name,cls,kwargs", [("DDPMScheduler", fastdiff.DDPMSampler, {}),
                                              ("DDIMScheduler", fastdiff.DDIMSampler, {"eta": 1.0})])
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("linspace", 0), ("trailing", 0)])
-def test_stock_diffusers_within_its_float32_rounding(name, cls, kwargs, spacing, offset):
+@pytest.mark.parametrize("table_dtype,tolerance", [("float32", FP32), ("float64", dict(atol=STOCK_DIFFUSERS_ATOL,
+                                                                                       rtol=1e-5))])
+def test_against_stock_diffusers(name, cls, kwargs, spacing, offset, table_dtype, tolerance):
+    """float32 tables are diffusers' own numbers; float64 tables differ by diffusers' float32 rounding."""
     config = dict(timestep_spacing=spacing, steps_offset=offset, prediction_type="v_prediction", clip_sample=False)
-    ours, theirs = cls(**config), stock(name, **config)
+    ours, theirs = cls(**config, table_dtype=table_dtype), stock(name, **config)
     ours.set_timesteps(25)
     theirs.set_timesteps(25)
     for i, t in enumerate(ours.timesteps):
         model_output, sample = make_inputs(torch.float32, "contiguous", seed=i)
         got = ours.step(model_output, t, sample, generator=torch.Generator().manual_seed(i), **kwargs)
         want = theirs.step(model_output, t, sample, generator=torch.Generator().manual_seed(i), **kwargs)
-        torch.testing.assert_close(got.prev_sample, want.prev_sample, atol=STOCK_DIFFUSERS_ATOL, rtol=1e-5)
+        torch.testing.assert_close(got.prev_sample, want.prev_sample, **tolerance)
 
 
 def test_float64_coefficients_are_closer_to_the_truth_than_diffusers():
-    """Our float32 table rounds float64 values; diffusers' beta_t = 1 - abar_t/abar_prev cancels in float32."""
-    ours, theirs = fastdiff.DDPMSampler(), stock("DDPMScheduler")
+    """float64 tables round float64 values once; diffusers' beta_t = 1 - abar_t/abar_prev cancels in float32,
+    and the default float32 tables reproduce diffusers' value exactly."""
+    theirs = stock("DDPMScheduler")
     abar = theirs.alphas_cumprod.double()
     t = torch.arange(1, 1000)
     truth = 1 - abar[t] / abar[t - 1]  # beta_t in float64
-    diffusers_beta = 1 - theirs.alphas_cumprod[t] / theirs.alphas_cumprod[t - 1]
-    table = ours._table_on(torch.device("cpu"))
     c_x0_truth = abar[t - 1].sqrt() * truth / (1 - abar[t])
-    ours_err = ((table[t, fastdiff.tables.DDPM_C_X0].double() - c_x0_truth) / c_x0_truth).abs().max()
-    diffusers_c_x0 = theirs.alphas_cumprod[t - 1].sqrt() * diffusers_beta / (1 - theirs.alphas_cumprod[t])
+    diffusers_beta = 1 - theirs.alphas_cumprod[t] / theirs.alphas_cumprod[t - 1]
+    diffusers_c_x0 = theirs.alphas_cumprod[t - 1] ** 0.5 * diffusers_beta / (1 - theirs.alphas_cumprod[t])
+    tables = {}
+    for table_dtype in ("float32", "float64"):
+        ours = fastdiff.DDPMSampler(table_dtype=table_dtype)
+        tables[table_dtype] = ours._table(torch.device("cpu"))[t, fastdiff.tables.OUT_X0]
+    ours_err = ((tables["float64"].double() - c_x0_truth) / c_x0_truth).abs().max()
     theirs_err = ((diffusers_c_x0.double() - c_x0_truth) / c_x0_truth).abs().max()
     assert ours_err < 1e-7 < theirs_err
+    assert torch.equal(tables["float32"], diffusers_c_x0)
 
 
 @pytest.mark.parametrize("cls,kwargs", [(fastdiff.DDPMSampler, {}), (fastdiff.DDIMSampler, {"eta": 1.0})])

@@ -1,6 +1,7 @@
-"""The compiled Triton kernels on a real GPU: agreement with the reference at sizes the interpreter
-cannot reach, the Philox stream on the device, CUDA-graph capture + replay of a step, a launch on a
-non-default stream, batches past CUDA's grid-y limit and past 2^31 elements.
+"""The compiled Triton kernels on a real GPU: agreement with the reference backend run on the same GPU at
+sizes the interpreter cannot reach, the Philox stream on the device, no host synchronisation,
+CUDA-graph capture + replay of an advancing step, a launch on a non-default stream, batches past
+CUDA's grid-y limit and tensors past 2^31 elements.
 
 Every test carries the `cuda` marker: skipped (with that reason) where torch.cuda is unavailable.
 """
@@ -8,20 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+import fastdiff
 import philox_oracle as oracle
 from fastdiff import eager as E
 from fastdiff import noise as N
-from fastdiff import reference as R
 from fastdiff import tables as T
-from test_triton_kernels import ABAR, SEED, K, KC, assert_fp32_close, assert_lowp_close
+from test_triton_kernels import (SEED, K, KC, assert_fp32_close, assert_lowp_close, assert_ulp_close, run,
+                                 step_args, step_inputs, synthetic_table, training_table, two_slot_table)
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
-TABLE_STEPS = list(range(990, -1, -10))
-
-
-def ddpm_table(variance_type="fixed_small"):
-    return T.ddpm_table(ABAR, TABLE_STEPS, variance_type).to(CUDA)
+GPU_ULPS = 8  # libdevice log / sin / cos and sqrt.approx (Triton's Box-Muller) vs numpy: a few ulp
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -29,40 +27,47 @@ def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=g, device=CUDA).to(dtype)
 
 
+def assert_close_noisy(got, want):
+    """Outputs made with Philox noise: the reference backend draws it with torch's CUDA math, the kernel
+    with libdevice and an approximate sqrt, a few ulp apart: compare with a noise-sized slack."""
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
-def test_ddpm_agrees_with_reference(dtype, variance_type):
-    learned = variance_type in T.LEARNED_VARIANCE_TYPES
-    mo = randn(8, 8 if learned else 4, 64, 64, dtype=dtype, seed=1)
-    x, n = randn(4, 4, 64, 64, dtype=dtype, seed=2), randn(4, 4, 64, 64, dtype=dtype, seed=3)
-    row = ddpm_table(variance_type)[500]
-    args = (mo, x, row, n, SEED, 0, "epsilon", variance_type, 1.0, None, 7.5, True)
-    prev, x0 = K.ddpm_step(*args)
-    kw = dict(prediction_type="epsilon", variance_type=variance_type, clip_sample_range=1.0, guidance_scale=7.5)
+@pytest.mark.parametrize("config", ["ddpm-learned-cfg", "multistep-history-extra"])
+def test_step_agrees_with_reference(dtype, config):
+    """Latent-sized steps (4 x 4 x 64 x 64, aligned: the vectorised variant) with given noise."""
+    learned = config.startswith("ddpm")
+    inputs = step_inputs((4, 4, 64, 64), guidance=1 if learned else 2, variance_channels=learned, dtype=dtype)
+    table = synthetic_table()
+    opts = dict(noise="given", guidance_scale=7.5, extra_scale=0.0 if learned else 0.5,
+                variance=T.VAR_EXP if learned else T.VAR_FIXED, clip_range=1.0 if learned else None,
+                threshold=None if learned else torch.tensor([1.1, 1.5, 2.0, 2.5], device=CUDA),
+                history_reads=0 if learned else 3, write_history=not learned, write_out2=not learned)
+    got = run(K, step_args(inputs, table, **opts))
     if dtype == torch.float32:
-        want = R.ddpm_step(mo, x, row, noise=n, **kw)
-        assert_fp32_close(prev, want[0])
-        assert_fp32_close(x0, want[1])
+        want = run(E, step_args(inputs, table, **opts))
+        for name in ("out", "x0", "history"):
+            assert_fp32_close(got[name], want[name])
     else:
-        ref32 = R.ddpm_step(mo.float(), x.float(), row, noise=n.float(), **kw)
-        ref_lowp = R.ddpm_step(mo, x, row, noise=n, **kw)
-        assert_lowp_close(prev, ref32[0], ref_lowp[0])
-        assert_lowp_close(x0, ref32[1], ref_lowp[1])
+        ref_lowp = run(E, step_args(inputs, table, **opts))
+        inputs32 = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
+        ref32 = run(E, step_args(inputs32, table, **opts))
+        for name in ("out", "x0", "history"):
+            assert_lowp_close(got[name], ref32[name], ref_lowp[name])
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_and_q_sample_agree_with_reference(eta):
-    mo, x = randn(2, 4, 96, 96, seed=1), randn(2, 4, 96, 96, seed=2)
-    row = T.ddim_table(ABAR, 20, float(ABAR[0])).to(CUDA)[501]
-    args = (mo, x, row, None, SEED, 0, "v_prediction", eta, True, 1.0, torch.tensor([1.5, 2.0], device=CUDA),
-            None, True)
-    got, want = K.ddim_step(*args), E.ddim_step(*args)
-    for g, w in zip(got, want):  # eager's noise is torch math on the GPU: compare with a noise-sized slack
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    ts = torch.tensor([0, 999], device=CUDA)
-    q_args = (x, ts, ABAR.to(CUDA), None, SEED, 3, True, True)
-    for g, w in zip(K.q_sample(*q_args), E.q_sample(*q_args)):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("shape", [(2, 4, 96, 96), (3, 3, 37, 41)])  # aligned; odd (105 % 4 != 0 style tails)
+def test_step_in_kernel_noise_and_real_rows_agree_with_reference(shape):
+    sampler = fastdiff.DDIMSampler(prediction_type="v_prediction")
+    sampler.set_timesteps(20)
+    table = sampler._table(torch.device("cpu"), eta=1.0, use_clipped_model_output=True).to(CUDA)
+    inputs = step_inputs(shape, guidance=1, slots=0)
+    args = step_args(inputs, table, index=int(sampler.timesteps[5]), noise="philox", guidance_scale=5.0,
+                     threshold=torch.full((shape[0],), 1.5, device=CUDA))
+    got, want = run(K, args), run(E, args)
+    assert_close_noisy(got["out"], want["out"])
+    assert_fp32_close(got["x0"], want["x0"])
 
 
 def test_philox_on_device_matches_oracle():
@@ -73,76 +78,147 @@ def test_philox_on_device_matches_oracle():
                                                        sample_offset=2**32 - 2)
     assert np.array_equal(words.cpu().numpy().view(np.uint32), want_words)
     assert np.array_equal(partners.cpu().numpy().view(np.uint32), want_partners)
-    # tl.randn's sqrt is sqrt.approx on the GPU (log / cos / sin are libdevice): a few 1e-7 relative.
-    np.testing.assert_allclose(n.cpu().numpy(), want_n, atol=1e-6, rtol=1e-6)
+    assert_ulp_close(n.cpu().numpy(), want_n, ulps=GPU_ULPS)
 
 
-def _graph_step(mo, x, table, idx, out):
-    row = table.index_select(0, idx)[0]  # device-side gather of the step's row: no host sync
-    return K.ddpm_step(mo, x, row, None, SEED, 0, "epsilon", "fixed_small", 1.0, None, 3.0, False, out=out)
+def test_step_noise_on_device_is_the_stream_at_the_rows_counter():
+    shape = (3, 4, 33, 35)
+    zeros = torch.zeros(shape, device=CUDA)
+    out = torch.empty_like(zeros)
+    table = T.step_table(2, noise_std=1.0, x0_scale=0.0, noise_counter=777).to(CUDA)
+    K.step(zeros, zeros, table, torch.tensor([1], device=CUDA), torch.empty(0, device=CUDA), out, None, None, SEED,
+           2**32 + 5, None, None, 0.0, T.VAR_FIXED, None, None, 0, False, False, False)
+    want, _ = oracle.randn(shape, SEED, counter=777, stream=N.STREAM_STEP, sample_offset=2**32 + 5)
+    assert_ulp_close(out.cpu().numpy(), want, ulps=GPU_ULPS)
 
 
-def test_cuda_graph_capture_and_replay():
-    table, idx = ddpm_table(), torch.zeros(1, dtype=torch.int64, device=CUDA)
-    mo, x = randn(4, 4, 32, 32, seed=1), randn(2, 4, 32, 32, seed=2)
+def test_no_host_synchronisation():
+    """The step (row gather, history slots, Philox, advance) and q_sample never synchronise with the host."""
+    inputs = step_inputs((2, 4, 32, 32), guidance=2, variance_channels=True)
+    args = step_args(inputs, synthetic_table(), noise="philox", guidance_scale=3.0, extra_scale=0.5,
+                     variance=T.VAR_EXP, threshold=torch.tensor([1.5, 2.0], device=CUDA), history_reads=4,
+                     write_history=True, write_out2=True, advance=True)
+    x0 = inputs["sample"]
+    q = dict(x0=x0, table=training_table(), index=torch.tensor([3, 900], device=CUDA), noise=None, seed=SEED,
+             sample_offset=0, x_t=torch.empty_like(x0), target=torch.empty_like(x0), noise_out=torch.empty_like(x0))
+    K.step(**args)  # compile outside the check
+    K.q_sample(**q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            K.step(**args)
+            K.q_sample(**q)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert args["index"].item() == 1 + 4
+
+
+def test_cuda_graph_capture_and_replay_of_an_advancing_step():
+    """One captured step (row gathered at the device index, index advanced on the device) replays as the
+    next step each time, with the history it wrote read back."""
+    table = two_slot_table(8, gen_seed=2)
+    inputs = step_inputs((2, 4, 32, 32), guidance=1, slots=2)
+    x, mo, history = inputs["sample"].clone(), inputs["model_output"], torch.zeros_like(inputs["history"])
+    index = torch.zeros(1, dtype=torch.int64, device=CUDA)
     out = torch.empty_like(x)
+
+    def step():
+        K.step(mo, x, table, index, history, out, None, None, SEED, 0, 3.0, None, 0.0, T.VAR_FIXED, 1.0, None, 1,
+               True, False, True)
+        x.copy_(out)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up: Triton compiles on the first launch, never during capture
-        for _ in range(2):
-            _graph_step(mo, x, table, idx, out)
+        step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _graph_step(mo, x, table, idx, out)
-    for t, seed in ((990, 5), (500, 6), (0, 7)):
-        idx.fill_(t)
-        mo.copy_(randn(4, 4, 32, 32, seed=seed))
+        step()
+    # reference: the same steps eagerly from the same start
+    x_ref, history_ref = inputs["sample"].clone(), torch.zeros_like(history)
+    index_ref = torch.zeros(1, dtype=torch.int64, device=CUDA)
+    E.step(mo, x_ref, table, index_ref, history_ref, x_ref, None, None, SEED, 0, 3.0, None, 0.0, T.VAR_FIXED, 1.0,
+           None, 1, True, False, True)
+    x.copy_(x_ref)
+    history.copy_(history_ref)
+    index.copy_(index_ref)
+    for _ in range(4):
         graph.replay()
+        E.step(mo, x_ref, table, index_ref, history_ref, x_ref, None, None, SEED, 0, 3.0, None, 0.0, T.VAR_FIXED,
+               1.0, None, 1, True, False, True)
         torch.cuda.synchronize()
-        want = E.ddpm_step(mo, x, table[t], None, SEED, 0, "epsilon", "fixed_small", 1.0, None, 3.0, False)[0]
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        assert index.item() == index_ref.item()
+        assert_close_noisy(x, x_ref)
+        assert_close_noisy(history, history_ref)
 
 
 def test_runs_on_the_current_non_default_stream():
-    x_src, mo = randn(2, 4, 64, 64, seed=2), randn(2, 4, 64, 64, seed=1)
-    row = ddpm_table()[500]
+    inputs = step_inputs((2, 4, 64, 64), slots=0)
+    x_src = inputs["sample"]
     x = torch.zeros_like(x_src)
+    table = synthetic_table()
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)  # keep `side` busy: a launch on another stream would read zeros
         x.copy_(x_src)
-        prev, _ = K.ddpm_step(mo, x, row, None, SEED, 0, "epsilon", "fixed_small", None, None, None, False)
+        got = run(K, step_args(dict(inputs, sample=x), table, noise="philox"))
     side.synchronize()
-    want = E.ddpm_step(mo, x_src, row, None, SEED, 0, "epsilon", "fixed_small", None, None, None, False)[0]
-    torch.testing.assert_close(prev, want, atol=1e-5, rtol=1e-5)
+    want = run(E, step_args(inputs, table, noise="philox"))
+    assert_close_noisy(got["out"], want["out"])
 
 
 def test_batch_past_grid_y_limit():
     batch = KC.MAX_GRID_Y + 1000
     x0 = randn(batch, 4, seed=4)
-    ts = torch.randint(0, 1000, (batch,), device=CUDA)
-    got = K.q_sample(x0, ts, ABAR.to(CUDA), None, SEED, 0, True, False)
-    want = E.q_sample(x0, ts, ABAR.to(CUDA), None, SEED, 0, True, False)
-    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    index = torch.randint(0, 1000, (batch,), device=CUDA)
+    table = training_table()
+    q = dict(x0=x0, table=table, index=index, noise=None, seed=SEED, sample_offset=0)
+    got = [torch.empty_like(x0) for _ in range(3)]
+    want = [torch.empty_like(x0) for _ in range(3)]
+    K.q_sample(**q, x_t=got[0], target=got[1], noise_out=got[2])
+    E.q_sample(**q, x_t=want[0], target=want[1], noise_out=want[2])
+    for g, w in zip(got, want):
+        assert_close_noisy(g, w)
+    inputs = step_inputs((batch, 3), slots=0)
+    args = step_args(inputs, synthetic_table(), noise="philox", sample_offset=3)
+    got, want = run(K, args), run(E, args)
+    assert_close_noisy(got["out"], want["out"])
 
 
 def test_more_than_2_31_elements():
-    per_sample, batch = 2**20, 2**11 + 1  # 2^31 + 2^20 fp16 elements: ~4.3 GB per tensor
-    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
-        pytest.skip("needs 16 GiB of free GPU memory for three 4.3 GB tensors")
-    x = torch.full((batch, per_sample), 0.5, dtype=torch.float16, device=CUDA)
-    mo = torch.full_like(x, -0.25)
-    row = ddpm_table()[500]
-    prev = K.ddpm_step(mo, x, row, None, SEED, 0, "epsilon", "fixed_small", None, None, None, False)[0]
-    last = slice(batch - 1, batch)  # the last sample lies past 2^31: same as alone, at its global index
-    want = E.ddpm_step(mo[last].float(), x[last].float(), row, None, SEED, batch - 1, "epsilon", "fixed_small",
-                       None, None, None, False)[0]
-    torch.testing.assert_close(prev[last].float(), want, atol=2e-3, rtol=2e-3)
-    del x, mo, prev
-    u = torch.zeros(2**31 + 5, dtype=torch.float16, device=CUDA)
-    c = torch.ones_like(u)
-    out = K.cfg_combine(u, c, 2.0)
-    assert out[-5:].eq(2.0).all() and out[:5].eq(2.0).all()
+    """fp16 tensors of 2^31 + 2^20 elements with values that depend on their position (sample and element):
+    the last sample, past 2^31, equals the reference run on it alone at its global sample index."""
+    per_sample, batch = 2**20, 2**11 + 1
+    if torch.cuda.mem_get_info()[0] < 32 * 2**30:
+        pytest.skip("needs 32 GiB of free GPU memory for four 4.3 GB tensors and an 8.6 GB temporary")
+    i = torch.arange(per_sample, device=CUDA, dtype=torch.float32)
+    b = torch.arange(batch, device=CUDA, dtype=torch.float32)[:, None]
+    x = torch.sin(i * 1e-3 + b * 0.37).half()
+    mo = torch.cos(i * 2e-3 - b * 0.11).half()
+    out, x0_out = torch.empty_like(x), torch.empty_like(x)
+    table = synthetic_table()
+    kw = dict(noise=None, seed=SEED, guidance_scale=None, guidance_extra=None, extra_scale=0.0,
+              variance=T.VAR_FIXED, clip_range=1.0, threshold=None, history_reads=0, write_history=False,
+              write_out2=False, advance=False)
+    K.step(mo, x, table, torch.tensor([1], device=CUDA), torch.empty(0, device=CUDA), out, x0_out, sample_offset=0,
+           **kw)
+    for s in (0, batch - 1):  # the first sample and the last, past 2^31
+        one = slice(s, s + 1)
+        out_ref, x0_ref = torch.empty_like(x[one]), torch.empty_like(x[one])
+        E.step(mo[one], x[one], table, torch.tensor([1], device=CUDA), torch.empty(0, device=CUDA), out_ref, x0_ref,
+               sample_offset=s, **kw)
+        torch.testing.assert_close(out[one].float(), out_ref.float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(x0_out[one].float(), x0_ref.float(), atol=1e-3, rtol=2**-10)  # FMA: 1 fp16 ulp
+    del x, mo, out, x0_out
+    n = 4099 * (2**31 // 4099 + 3)  # past 2^31
+    period = torch.arange(4099, device=CUDA, dtype=torch.float16)  # 4099: not a divisor of any block size
+    u = period.repeat(n // 4099)
+    c = (u * 0.5 + 1.0).flip(0)
+    got = K.cfg_combine(u, c, 2.0)
+    tail = slice(n - 5000, n)
+    want = u[tail].float() + 2.0 * (c[tail].float() - u[tail].float())
+    torch.testing.assert_close(got[tail].float(), want, atol=0, rtol=2**-10)

@@ -42,6 +42,14 @@ inline S store(C v) {
   return static_cast<S>(v);
 }
 
+// kChunk zero bytes x 8 (any storage type): the inputs of terms a call does not have.
+alignas(64) inline const unsigned char kZeros[kChunk * 8] = {};
+
+template <typename S>
+inline const S* zeros() {
+  return reinterpret_cast<const S*>(kZeros);
+}
+
 // Scratch for the normals of a chunk: the covering quads of up to kChunk elements that start at
 // any element (an unaligned head costs up to 3 extra normals, the tail up to 3 more).
 constexpr int64_t kScratch = kChunk + 8;
@@ -67,14 +75,6 @@ void for_each_range(int64_t batch, int64_t numel, const F& body) {
   });
 }
 
-// Where a step's noise comes from: none (std 0 or DDIM eta 0), a given tensor, in-kernel Philox.
-enum NoiseSource { kNoNoise = 0, kGivenNoise = 1, kPhiloxNoise = 2 };
-
-inline NoiseSource noise_source(const FdStepArgs& a, bool zero_std) {
-  if (!a.add_noise || zero_std) return kNoNoise;
-  return a.noise != nullptr ? kGivenNoise : kPhiloxNoise;
-}
-
 // Runs chunk(begin, len, normals) over elements [i0, i1) of one sample in chunks of at most kChunk
 // elements; when PHILOX, normals holds the chunk's normals of the stream (seed, sample, counter,
 // stream), else it is null. Chunks end on multiples of kChunk, so only a range's first chunk can
@@ -90,14 +90,6 @@ void for_each_noise_chunk(uint64_t seed, uint32_t sample, uint32_t counter, uint
     chunk(i, len, normals);
     i += len;
   }
-}
-
-// The chunks of [i0, i1) of sample b of a step (see for_each_noise_chunk).
-template <NoiseSource N, typename F>
-void for_each_chunk(const FdStepArgs& a, uint32_t counter, uint32_t stream, int64_t b, int64_t i0, int64_t i1,
-                    const F& chunk) {
-  const uint32_t sample = uint32_t(uint64_t(a.sample_offset + b));
-  for_each_noise_chunk<N == kPhiloxNoise>(a.seed, sample, counter, stream, i0, i1, chunk);
 }
 
 // Dispatch of the storage type (FdDtype) to a template parameter.

@@ -85,11 +85,54 @@ inline bool quad_aligned(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) % (4 * sizeof(S))) == 0;
 }
 
-// A step's quads can all move as 4-element vectors: whole quads, every pointer 4-element aligned.
+// --- items of the step and q_sample kernels -------------------------------------------------------
+// A thread's unit of work: E = item_elems<S>() consecutive elements of one sample, 16 bytes of
+// 16-bit storage (8 elements, two Philox quads) or one quad of 32/64-bit storage (16 / 32 bytes),
+// moved as one vector when PACK (every item whole and every pointer E-element aligned).
 template <typename S>
-bool can_pack(const FdStepArgs& a) {
-  return a.numel % 4 == 0 && quad_aligned<S>(a.model) && quad_aligned<S>(a.sample) && quad_aligned<S>(a.prev) &&
-         quad_aligned<S>(a.noise) && quad_aligned<S>(a.x0);
+constexpr int item_elems() {
+  return sizeof(S) == 2 ? 8 : 4;
+}
+
+struct Item {
+  int64_t b, i, idx;  // sample, first element in the sample, flat index b * numel + i
+  int count;          // elements of the item inside the sample: E, or fewer at its tail
+};
+
+__device__ inline Item item_of(int64_t t, int64_t items_per_sample, int64_t numel, int elems) {
+  Item w;
+  w.b = t / items_per_sample;
+  w.i = (t - w.b * items_per_sample) * elems;
+  w.idx = w.b * numel + w.i;
+  const int64_t left = numel - w.i;
+  w.count = left < elems ? int(left) : elems;
+  return w;
+}
+
+// p (an element pointer of S) can move E-element vectors.
+template <typename S>
+inline bool item_aligned(const void* p) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % (item_elems<S>() * sizeof(S))) == 0;
+}
+
+template <bool PACK, int E, typename S>
+__device__ inline Pack<S, E> load_item(const S* p, int count) {
+  if (PACK) return load_pack<E>(p);
+  Pack<S, E> r;
+#pragma unroll
+  for (int e = 0; e < E; ++e) r.v[e] = e < count ? p[e] : from_math<S>(math_t<S>(0));
+  return r;
+}
+
+template <bool PACK, int E, typename S>
+__device__ inline void store_item(S* p, int count, const Pack<S, E>& v) {
+  if (PACK) {
+    store_pack<E>(p, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      if (e < count) p[e] = v.v[e];
+  }
 }
 
 // The `count` elements of a quad at p as math values (0 past count). PACK: one 4-element load.
@@ -121,11 +164,17 @@ __device__ inline void store_quad(S* p, int count, const math_t<S> v[4]) {
 
 constexpr int kThreads = 256;
 
-// Grid for a grid-stride loop over `work` items: enough blocks to fill the GPU, no more.
+// Grid for a grid-stride loop over `work` items: enough blocks to fill the GPU, no more (the SM
+// count is looked up once per device, not per launch).
 inline unsigned blocks_for(int64_t work) {
-  int device = 0, sms = 80;
+  static int sm_count[64] = {};
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = device >= 0 && device < 64 ? sm_count[device] : 0;
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 80;
+    if (device >= 0 && device < 64) sm_count[device] = sms;
+  }
   int64_t wanted = (work + kThreads - 1) / kThreads, cap = int64_t(sms) * 8;
   return unsigned(wanted < 1 ? 1 : (wanted < cap ? wanted : cap));
 }

@@ -1,54 +1,59 @@
-// CUDA forward noising with per-sample timesteps (DDPM eq. 4) and the v target (Salimans & Ho
-// 2022 sec. 4). sqrt(abar_t), sqrt(1 - abar_t) in float32 from the float32 table, gathered in the
-// kernel (no host sync); a timestep outside [0, T) gives NaN outputs for its sample. In-kernel
-// noise is rounded to x0's dtype first (reference: noise.randn(..., dtype=x0.dtype)).
+// CUDA forward noising with one q-sample row per sample (fastdiff.reference.q_sample):
+// x_t = Q_A x0 + Q_B n, target = Q_P x0 + Q_Q n. Each sample's row is gathered in the kernel from
+// its device index (no host sync; an index outside [0, rows - 1) reads the NaN sentinel row).
+// In-kernel noise is rounded to x0's dtype first (reference: noise.randn(..., dtype=x0.dtype)).
 #include "cuda_common.cuh"
 
 namespace fastdiff {
 namespace cuda {
 namespace {
 
-// Grid-stride loop over Philox quads (cuda_common.cuh): one fd_randn4 call per 4 elements.
+// Grid-stride loop over items (cuda_common.cuh): one or two fd_randn4 calls per item. Every element
+// is loaded before its outputs are stored, so x_t may be x0 (in place).
 template <typename S, bool PACK, bool PHILOX>
-__global__ void q_sample_kernel(FdQSampleArgs a) {
+__global__ void __launch_bounds__(kThreads) q_sample_kernel(FdQSampleArgs a) {
   using C = math_t<S>;
-  const int64_t quads = quads_of(a.numel), items = a.batch * quads;
+  constexpr int E = item_elems<S>();
+  constexpr int Q = E / 4;
+  const int64_t per_sample = (a.numel + E - 1) / E, items = a.batch * per_sample;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < items; t += int64_t(gridDim.x) * blockDim.x) {
-    const QuadItem q = quad_item(t, quads, a.numel);
-    const int64_t step = a.timesteps[q.b];
-    const float abar =
-        (step >= 0 && step < a.num_train_timesteps) ? a.alphas_cumprod[step] : __int_as_float(0x7fc00000);
-    const C ca = C(sqrtf(abar)), cb = C(sqrtf(1.0f - abar));
-    C x0[4], n[4], x_t[4], v[4];
-    load_quad<PACK>(static_cast<const S*>(a.x0) + q.idx, q.count, x0);
+    const Item it = item_of(t, per_sample, a.numel, E);
+    const float* row = a.table + fd_row_index(a.index[it.b], a.rows) * FD_Q_WIDTH;
+    const C qa = C(row[FD_Q_A]), qb = C(row[FD_Q_B]), qp = C(row[FD_Q_P]), qq = C(row[FD_Q_Q]);
+    const auto x0 = load_item<PACK, E>(static_cast<const S*>(a.x0) + it.idx, it.count);
+    Pack<S, E> n;
     if (PHILOX) {
-      float z[4];
-      fd_randn4(a.seed, uint32_t(q.q), uint32_t(uint64_t(a.sample_offset + q.b)), 0u, FD_STREAM_Q_SAMPLE, z);
+      float z[E];
+      const uint32_t sample = uint32_t(uint64_t(a.sample_offset + it.b));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) n[e] = C(to_math(from_math<S>(C(z[e]))));  // rounded to S first
+      for (int q = 0; q < Q; ++q) fd_randn4(a.seed, uint32_t(it.i / 4 + q), sample, 0u, FD_STREAM_Q_SAMPLE, z + 4 * q);
+#pragma unroll
+      for (int j = 0; j < E; ++j) n.v[j] = from_math<S>(C(z[j]));  // rounded to S first
     } else {
-      load_quad<PACK>(static_cast<const S*>(a.noise) + q.idx, q.count, n);
+      n = load_item<PACK, E>(static_cast<const S*>(a.noise) + it.idx, it.count);
     }
+    Pack<S, E> x_t, target;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      x_t[e] = fd_q_sample(ca, cb, x0[e], n[e]);
-      v[e] = fd_v_target(ca, cb, x0[e], n[e]);
+    for (int j = 0; j < E; ++j) {
+      const C x = C(to_math(x0.v[j])), nv = C(to_math(n.v[j]));
+      x_t.v[j] = from_math<S>(fd_lin2(qa, x, qb, nv));
+      target.v[j] = from_math<S>(fd_lin2(qp, x, qq, nv));
     }
-    store_quad<PACK>(static_cast<S*>(a.x_t) + q.idx, q.count, x_t);
-    if (a.noise_out != nullptr) store_quad<PACK>(static_cast<S*>(a.noise_out) + q.idx, q.count, n);
-    if (a.v_out != nullptr) store_quad<PACK>(static_cast<S*>(a.v_out) + q.idx, q.count, v);
+    store_item<PACK, E>(static_cast<S*>(a.x_t) + it.idx, it.count, x_t);
+    if (a.target != nullptr) store_item<PACK, E>(static_cast<S*>(a.target) + it.idx, it.count, target);
+    if (a.noise_out != nullptr) store_item<PACK, E>(static_cast<S*>(a.noise_out) + it.idx, it.count, n);
   }
 }
 
 template <typename S>
 bool can_pack(const FdQSampleArgs& a) {
-  return a.numel % 4 == 0 && quad_aligned<S>(a.x0) && quad_aligned<S>(a.noise) && quad_aligned<S>(a.x_t) &&
-         quad_aligned<S>(a.noise_out) && quad_aligned<S>(a.v_out);
+  return a.numel % item_elems<S>() == 0 && item_aligned<S>(a.x0) && item_aligned<S>(a.noise) &&
+         item_aligned<S>(a.x_t) && item_aligned<S>(a.target) && item_aligned<S>(a.noise_out);
 }
 
 template <typename S, bool PACK>
-void launch_pack(const FdQSampleArgs& a, cudaStream_t stream) {
-  const unsigned blocks = blocks_for(a.batch * quads_of(a.numel));
+void launch(const FdQSampleArgs& a, cudaStream_t stream) {
+  const unsigned blocks = blocks_for(a.batch * ((a.numel + item_elems<S>() - 1) / item_elems<S>()));
   if (a.noise == nullptr)
     q_sample_kernel<S, PACK, true><<<blocks, kThreads, 0, stream>>>(a);
   else
@@ -65,6 +70,6 @@ void fd_launch_q_sample(const FdQSampleArgs& args, int dtype, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    can_pack<S>(args) ? launch_pack<S, true>(args, s) : launch_pack<S, false>(args, s);
+    can_pack<S>(args) ? launch<S, true>(args, s) : launch<S, false>(args, s);
   });
 }

@@ -22,43 +22,29 @@ void check_launch(const char* op) {
   TORCH_CHECK(error == cudaSuccess, "fastdiff_C::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
 }
 
-std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& model_output, const at::Tensor& sample,
-                                             const at::Tensor& coefs, const c10::optional<at::Tensor>& noise,
-                                             int64_t seed, int64_t sample_offset, int64_t prediction,
-                                             int64_t variance_mode, c10::optional<double> clip_sample_range,
-                                             const c10::optional<at::Tensor>& threshold,
-                                             c10::optional<double> guidance_scale, bool write_x0) {
+void step(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& table, const at::Tensor& index,
+          const at::Tensor& history, const at::Tensor& out, const c10::optional<at::Tensor>& x0_out,
+          const c10::optional<at::Tensor>& noise, c10::optional<int64_t> seed, int64_t sample_offset,
+          c10::optional<double> guidance_scale, const c10::optional<at::Tensor>& guidance_extra, double extra_scale,
+          int64_t variance, c10::optional<double> clip_range, const c10::optional<at::Tensor>& threshold,
+          int64_t history_reads, bool write_history, bool write_out2, bool advance) {
   c10::DeviceGuard guard(sample.device());
-  StepPlan p = plan_ddpm_step(model_output, sample, coefs, noise, seed, sample_offset, prediction, variance_mode,
-                              clip_sample_range, threshold, guidance_scale, write_x0);
-  fd_launch_ddpm_step(p.args, p.dtype, current_stream(sample));
-  check_launch("ddpm_step");
-  return finish2(p);
+  StepPlan p = plan_step(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset,
+                         guidance_scale, guidance_extra, extra_scale, variance, clip_range, threshold, history_reads,
+                         write_history, write_out2, advance);
+  fd_launch_step(p.args, p.dtype, current_stream(sample));  // the kernel reads index and row on the device
+  check_launch("step");
+  finish(p);
 }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, const at::Tensor& sample,
-                                             const at::Tensor& coefs, const c10::optional<at::Tensor>& noise,
-                                             int64_t seed, int64_t sample_offset, int64_t prediction, double eta,
-                                             bool use_clipped_model_output, c10::optional<double> clip_sample_range,
-                                             const c10::optional<at::Tensor>& threshold,
-                                             c10::optional<double> guidance_scale, bool write_x0) {
-  c10::DeviceGuard guard(sample.device());
-  StepPlan p = plan_ddim_step(model_output, sample, coefs, noise, seed, sample_offset, prediction, eta,
-                              use_clipped_model_output, clip_sample_range, threshold, guidance_scale, write_x0);
-  fd_launch_ddim_step(p.args, p.dtype, current_stream(sample));
-  check_launch("ddim_step");
-  return finish2(p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> q_sample(const at::Tensor& x0, const at::Tensor& timesteps,
-                                                        const at::Tensor& alphas_cumprod,
-                                                        const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                        int64_t sample_offset, bool write_noise, bool write_v) {
+void q_sample(const at::Tensor& x0, const at::Tensor& table, const at::Tensor& index,
+              const c10::optional<at::Tensor>& noise, int64_t seed, int64_t sample_offset, const at::Tensor& x_t,
+              const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& noise_out) {
   c10::DeviceGuard guard(x0.device());
-  QSamplePlan p = plan_q_sample(x0, timesteps, alphas_cumprod, noise, seed, sample_offset, write_noise, write_v);
+  QSamplePlan p = plan_q_sample(x0, table, index, noise, seed, sample_offset, x_t, target, noise_out);
   fd_launch_q_sample(p.args, p.dtype, current_stream(x0));
   check_launch("q_sample");
-  return finish3(p);
+  finish(p);
 }
 
 at::Tensor cfg_combine(const at::Tensor& uncond, const at::Tensor& cond, double guidance_scale) {
@@ -84,8 +70,7 @@ std::tuple<at::Tensor, at::Tensor> philox_randn(const at::Tensor& like, int64_t 
 }  // namespace fastdiff
 
 TORCH_LIBRARY_IMPL(fastdiff_C, CUDA, m) {
-  m.impl("ddpm_step", &fastdiff::cuda_impl::ddpm_step);
-  m.impl("ddim_step", &fastdiff::cuda_impl::ddim_step);
+  m.impl("step", &fastdiff::cuda_impl::step);
   m.impl("q_sample", &fastdiff::cuda_impl::q_sample);
   m.impl("cfg_combine", &fastdiff::cuda_impl::cfg_combine);
   m.impl("philox_randn", &fastdiff::cuda_impl::philox_randn);

@@ -15,7 +15,7 @@ Two ways to find a row, as diffusers has them:
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,13 @@ def table_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
+class StepPlan(NamedTuple):
+    """The config-derived options of a step (BaseSampler._plan)."""
+    clip_range: Optional[float]  # clip_sample_range when clip_sample (and not thresholding), else None
+    thresholding: bool  # dynamic thresholding of x0 (Imagen sec. 2.3)
+    variance_mode: int  # tables.VAR_*: how the noise std is formed
+
+
 class BaseSampler(ConfigMixin):
     order = 1
     init_noise_sigma = 1.0
@@ -96,6 +103,8 @@ class BaseSampler(ConfigMixin):
         self._index_pending = True  # counter samplers: the first step still has to find its index
         self._checked: set = set()
         self._device_cache: dict = {}
+        self._index_views: dict = {}  # (host timestep, device) -> its index view (valid for one schedule)
+        self._plan_of: tuple = (None, None)  # (config object, StepPlan derived from it)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -116,7 +125,7 @@ class BaseSampler(ConfigMixin):
         """
         if self.config is not self._table_config:
             self._tables, self._table_config = {}, self.config
-        key = (tuple(sorted(options.items())), device)
+        key = (tuple(options.items()), device)  # callers pass options in a fixed order
         table = self._tables.get(key)
         if table is None:
             host = self._tables.get((key[0], None))
@@ -127,25 +136,35 @@ class BaseSampler(ConfigMixin):
 
     # ---- row index ------------------------------------------------------------------------------
     def _on(self, device: torch.device, name: str, make):
-        """A small per-device constant (cached)."""
+        """A small per-device constant (cached; traced by torch.compile it is a graph constant instead)."""
+        if torch.compiler.is_compiling():
+            return make(device)
         value = self._device_cache.get((name, device))
         if value is None:
             value = self._device_cache[(name, device)] = make(device)
         return value
 
     def _timestep_index(self, timestep, device: torch.device) -> torch.Tensor:
-        """Row index of a timestep-keyed table: t itself, as an int64 [1] tensor on `device`, no sync."""
+        """Row index of a timestep-keyed table: t itself, as an int64 [1] tensor on `device`, no sync.
+
+        A host timestep (an int, or a CPU tensor outside torch.compile) is checked against the
+        schedule once and served as a cached view of a device arange; a device timestep is used as
+        it is (out of range: the kernel reads the NaN row).
+        """
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
-            if timestep.device.type != "cpu" or torch.compiler.is_compiling():
-                return timestep.reshape(1).to(device=device, dtype=torch.int64)  # out of range: the NaN row
+            if not timestep.is_cpu or torch.compiler.is_compiling():
+                return timestep.reshape(1).to(device=device, dtype=torch.int64)
         elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             raise TypeError(f"timestep must be an int or a 1-element tensor, got {type(timestep).__name__}")
         t = int(timestep)
-        self._check_host_timestep(t)
-        arange = self._on(device, "arange", lambda d: torch.arange(self.config.num_train_timesteps + 1, device=d))
-        return arange[t:t + 1]  # a view: no kernel
+        view = self._index_views.get((t, device))
+        if view is None:
+            self._check_host_timestep(t)
+            arange = self._on(device, "arange", lambda d: torch.arange(self.config.num_train_timesteps + 1, device=d))
+            view = self._index_views[(t, device)] = arange[t:t + 1]  # a view: no kernel
+        return view
 
     def _check_host_timestep(self, t: int) -> None:
         raise NotImplementedError
@@ -170,8 +189,14 @@ class BaseSampler(ConfigMixin):
             self._counter.fill_(self._begin_index)
             self._index_pending, self._step_index = False, self._begin_index
 
+    def _new_schedule(self, device) -> None:
+        """set_timesteps: forget the last schedule's tables and index views; counter samplers get a fresh
+        counter on `device` and no history yet (built at the next first step)."""
+        self._tables, self._table_config, self._index_views = {}, None, {}
+        if not self.keyed_by_timestep:
+            self._start_counter(device)
+
     def _start_counter(self, device) -> None:
-        """set_timesteps for counter samplers: a fresh counter on `device`, no history yet."""
         self._counter = torch.zeros(1, dtype=torch.int64, device=device)
         self._history = None
         self._step_index, self._begin_index, self._index_pending = None, None, True
@@ -251,11 +276,15 @@ class BaseSampler(ConfigMixin):
     def _check_step_inputs(self, model_output, sample, guidance_scale, variance_channels: bool = False,
                            guidance_extra=None) -> None:
         """Shapes, dtypes and devices of a step's tensors; checked once per call signature."""
-        key = (getattr(model_output, "shape", None), getattr(model_output, "dtype", None),
-               getattr(model_output, "device", None), getattr(sample, "shape", None), getattr(sample, "dtype", None),
-               getattr(sample, "device", None), guidance_scale is None, variance_channels,
-               None if guidance_extra is None else (guidance_extra.shape, guidance_extra.device))
-        if key in self._checked:
+        compiling = torch.compiler.is_compiling()  # traced checks cost nothing per step; a cache would add guards
+        try:
+            key = None if compiling else (
+                model_output.shape, model_output.dtype, model_output.device, sample.shape, sample.dtype,
+                sample.device, guidance_scale is None, variance_channels,
+                None if guidance_extra is None else (guidance_extra.shape, guidance_extra.device))
+        except AttributeError:  # not tensors: the checks below say what is wrong
+            key = None
+        if key is not None and key in self._checked:
             return
         for name, x in (("model_output", model_output), ("sample", sample)):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -281,7 +310,8 @@ class BaseSampler(ConfigMixin):
             if tuple(guidance_extra.shape) != want or guidance_extra.device != sample.device:
                 raise ValueError(f"guidance_extra must have shape {want} on {sample.device} (the conditional half of "
                                  f"model_output), got {tuple(guidance_extra.shape)} on {guidance_extra.device}")
-        self._checked.add(key)
+        if key is not None:
+            self._checked.add(key)
 
     def _noise(self, sample, model_output, generator, variance_noise, seed, needs_noise: bool):
         """(noise tensor or None, seed or None) for the fused op, per DESIGN "Noise"."""
@@ -302,21 +332,28 @@ class BaseSampler(ConfigMixin):
         return None, N.check_seed(seed) if seed is not None else N.draw_seed()
 
     def _threshold(self, model_output, sample, table, index, guidance_scale, guidance_extra=None,
-                   extra_scale=0.0) -> Optional[torch.Tensor]:
+                   extra_scale=0.0) -> torch.Tensor:
         """Per-sample s of dynamic thresholding, from x0 of the row (a reduction before the fused step)."""
-        if not self.config.get("thresholding", False):
-            return None
         dt = R.compute_dtype(sample)
         row = T.gather_row(table, index).to(dt)
         m, _ = R.guide(model_output, sample, guidance_scale, guidance_extra, extra_scale, dt)
         x0 = (row[T.X0_X] * sample.to(dt) + row[T.X0_M] * m) * row[T.X0_SCALE]
         return R.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
-    def _clip_range(self) -> Optional[float]:
-        config = self.config
-        if config.get("clip_sample", False) and not config.get("thresholding", False):
-            return float(config.clip_sample_range)
-        return None
+    def _plan(self) -> "StepPlan":
+        """What a step derives from the config, computed once per config object (a pipeline may swap it)."""
+        if torch.compiler.is_compiling():  # traced, the plan is a constant; reading a cache would add guards
+            return self._make_plan(self.config)
+        config, plan = self._plan_of
+        if config is not self.config:
+            config, plan = self.config, self._make_plan(self.config)
+            self._plan_of = (config, plan)
+        return plan
+
+    def _make_plan(self, config) -> "StepPlan":
+        thresholding = bool(config.get("thresholding", False))
+        clip = float(config.clip_sample_range) if config.get("clip_sample", False) and not thresholding else None
+        return StepPlan(clip, thresholding, self.variance_mode)
 
     # ---- the fused step ---------------------------------------------------------------------
     variance_mode = T.VAR_FIXED  # how the step's noise std is formed (fastdiff.tables)
@@ -339,11 +376,13 @@ class BaseSampler(ConfigMixin):
             raise ValueError(f"out must be a tensor like sample ({tuple(sample.shape)}, {sample.dtype}, "
                              f"{sample.device}), got " + (f"{tuple(out.shape)}, {out.dtype}, {out.device}"
                                                           if isinstance(out, torch.Tensor) else type(out).__name__))
-        threshold = self._threshold(model_output, sample, table, index, guidance_scale, guidance_extra, extra_scale)
+        plan = self._plan()
+        threshold = self._threshold(model_output, sample, table, index, guidance_scale, guidance_extra,
+                                    extra_scale) if plan.thresholding else None
         write_x0 = self.returns_x0 and out is None
         prev, x0 = ops.run_step(model_output, sample, table, index, self._history_for(sample), noise, seed,
                                 int(sample_offset), guidance_scale, guidance_extra, float(extra_scale),
-                                self.variance_mode, self._clip_range(), threshold, self.history_reads,
+                                plan.variance_mode, plan.clip_range, threshold, self.history_reads,
                                 self.writes_history, self.writes_out2, advance, write_x0, out=out)
         if advance:
             self._advance_host_index()

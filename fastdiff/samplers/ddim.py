@@ -87,7 +87,7 @@ class DDIMSampler(BaseSampler):
         self.num_inference_steps = int(num_inference_steps)
         steps = spaced_timesteps(T_, self.num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
         self.timesteps = torch.from_numpy(steps).to(device)
-        self._tables, self._table_config = {}, None
+        self._new_schedule(device)
         self._table(torch.device(device or "cpu"), eta=0.0, use_clipped_model_output=False)
 
     def previous_timestep(self, timestep):
