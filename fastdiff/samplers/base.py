@@ -264,8 +264,7 @@ class BaseSampler(ConfigMixin):
             return self._on(sample.device, "no_history", lambda d: torch.empty(0, device=d))
         history = self._history
         if history is None:
-            history = self._history = sample.new_zeros((self.history_slots, *sample.shape),
-                                                       memory_format=torch.contiguous_format)
+            history = self._history = sample.new_zeros((self.history_slots, *sample.shape))  # contiguous
         elif history.shape[1:] != sample.shape or history.dtype != sample.dtype or history.device != sample.device:
             raise ValueError(f"sample has shape {tuple(sample.shape)} ({sample.dtype}, {sample.device}) but this "
                              f"loop's history holds {tuple(history.shape[1:])} ({history.dtype}, {history.device}): "
