@@ -634,9 +634,9 @@ def test_opcheck_every_op(triton_backend):
     thr = torch.tensor([1.5, 2.0], device=DEV)
     cases = [
         (ops.step, (inputs["model_output"], x, table, index, inputs["history"], None, SEED, 0, 3.0,
-                    inputs["guidance_extra"], 0.5, T.VAR_EXP, None, thr, 4, True, True, True, True)),
+                    inputs["guidance_extra"], 0.5, T.VAR_EXP, None, thr, 4, True, True, True)),
         (ops.step, (inputs["model_output"][:2, :2], x, table, index, torch.empty(0, device=DEV), n, None, 0, None,
-                    None, 0.0, T.VAR_FIXED, 1.0, None, 0, False, False, False, False)),
+                    None, 0.0, T.VAR_FIXED, 1.0, None, 0, False, False, False)),
         (ops.q_sample, (x, training_table(), torch.tensor([3, 700], device=DEV), None, SEED, 0, True, True)),
         (ops.cfg_combine, (x, n, 7.5)),
     ]
@@ -645,16 +645,16 @@ def test_opcheck_every_op(triton_backend):
 
 
 def test_compiled_loop_has_no_graph_break_or_recompile(triton_backend):
-    """torch.compile(fullgraph=True) over a loop of ops.step: rows gathered and the index advanced on the
-    device, so one graph serves every starting step."""
+    """torch.compile(fullgraph=True) over a loop of ops.run_step (the registered op, then the index advanced
+    on the device): rows gathered on the device, so one graph serves every starting step."""
     ops = triton_backend
     table = two_slot_table(9, gen_seed=3)
 
     def loop(x, index, history):
         for _ in range(3):
             eps = torch.tanh(x)  # a stand-in denoiser
-            x, _ = ops.step(eps, x, table, index, history, None, SEED, 0, None, None, 0.0, T.VAR_FIXED, 1.0, None,
-                            1, True, False, True, False)
+            x, _ = ops.run_step(eps, x, table, index, history, None, SEED, 0, None, None, 0.0, T.VAR_FIXED, 1.0,
+                                None, 1, True, False, True, False)
         return x
 
     torch._dynamo.reset()
