@@ -14,8 +14,9 @@ four elements; csrc/ implements the same integer stream bit for bit.
 Because the counter holds the *global* sample index, sample i gets the same noise in a batch of
 1, a batch of 64, or a slice of a batch on another process (`sample_offset`).
 
-The step counter of a reverse step is its timestep t; the stream separates the reverse-step
-noise from the training (q-sample) noise for the same seed.
+The step counter of a reverse step is its row's NOISE_COUNTER (fastdiff.tables): the timestep for
+DDPM / DDIM (whose rows are keyed by timestep), the step index for every other sampler; the stream
+separates the reverse-step noise from the training (q-sample) noise for the same seed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-STREAM_STEP = 0  # noise injected by a reverse step (DDPM / DDIM eta > 0); counter = timestep
+STREAM_STEP = 0  # noise injected by a reverse step; counter = the row's NOISE_COUNTER
 STREAM_Q_SAMPLE = 1  # training noise of q_sample
 STREAM_INITIAL_NOISE = 2  # x_T drawn by fastdiff.sample(seed=...)
 STREAM_TRAINING_TIMESTEPS = 3  # per-sample training timesteps drawn by diffusion_loss(seed=...)

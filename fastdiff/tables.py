@@ -102,6 +102,11 @@ def check_history_slots(rows: torch.Tensor) -> None:
         if clash.any():
             step = int(clash.any(1).nonzero()[0])
             raise ValueError(f"step table row {step} writes history slot {int(rows[step, slot])} that it also reads")
+    writes_both = rows[:, [HIST_X, HIST_M, HIST_X0]].ne(0).any(1) & rows[:, [OUT2_X, OUT2_M, OUT2_X0, *OUT2_H]].ne(0).any(1)
+    same = writes_both & rows[:, HIST_SLOT].eq(rows[:, OUT2_SLOT])
+    if same.any():
+        step = int(same.nonzero()[0])
+        raise ValueError(f"step table row {step} writes hist and out2 into the same history slot {int(rows[step, HIST_SLOT])}")
 
 
 def q_sample_table(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
