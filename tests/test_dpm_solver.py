@@ -53,7 +53,7 @@ class Denoiser:
             a, s = abar**0.5, (1 - abar) ** 0.5
             ideal = a
         x64 = x.double()
-        x0 = ideal * x64 + 0.1 * torch.tanh(torch.einsum("oc,bc...->bo...", self.W, x64))
+        x0 = ideal * x64 + 0.1 * torch.tanh((x64.movedim(1, -1) @ self.W.T).movedim(-1, 1))
         if self.prediction_type == "sample":
             out = x0
         elif self.prediction_type == "flow_prediction":
@@ -176,7 +176,6 @@ GRID = {
     "lambda-clipped-cosine": dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
     "trained-betas": dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist()),
 }
-STEPS = (8, 20)  # < 15 (lower_order_final) and >= 15
 TRITON_SUBSET = ("dpmsolver++-o2-midpoint", "sde-dpmsolver++-o3-midpoint", "flow")
 
 
@@ -193,13 +192,13 @@ def test_parity_grid(backend, name, monkeypatch):
     use_backend(backend, monkeypatch)
     config = GRID[name]
     noisy = "sde" in config.get("algorithm_type", "")
-    for steps in STEPS if backend != "triton" else (6,):
-        for shared in (True, False):
-            ours, theirs, model = pair(config, variance=config.get("variance_type") is not None)
-            worst, expected, got = run_pair(ours, theirs, steps, model, shared=shared,
-                                            noise_seed=7 if noisy else None, begin="auto")
-            assert worst <= ATOL, (name, steps, shared, worst)
-            assert torch.isfinite(got).all()
+    # single steps on a >= 15-step schedule, a whole loop on a < 15-step one (lower_order_final applies)
+    for steps, shared in ((20, True), (8, False)) if backend != "triton" else ((6, False),):
+        ours, theirs, model = pair(config, variance=config.get("variance_type") is not None)
+        worst, expected, got = run_pair(ours, theirs, steps, model, shared=shared,
+                                        noise_seed=7 if noisy else None, begin="auto")
+        assert worst <= ATOL, (name, steps, shared, worst)
+        assert torch.isfinite(got).all()
 
 
 @pytest.mark.parametrize("name,set_kwargs", [
@@ -383,7 +382,7 @@ def test_sde_third_order_convergence(monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     orders = {}
     for mode in ("diffusers", "k-diffusion"):
-        errors = [_sde_mean_error(mode, n) for n in (40, 80, 160)]
+        errors = [_sde_mean_error(mode, n) for n in (20, 40, 80)]
         orders[mode] = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(0.8 < o < 1.3 for o in orders["diffusers"]), orders
     assert all(o > 1.7 for o in orders["k-diffusion"]), orders
@@ -513,12 +512,12 @@ def test_meta_device_loop(config, monkeypatch):
     """A whole loop on the meta device: no step reads a device value on the host."""
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     s = fastdiff.DPMSolverMultistepSampler(**config)
-    s.set_timesteps(10, device="meta")
+    s.set_timesteps(4, device="meta")  # (meta-device ops run slowly through Python reference kernels)
     x = torch.empty(SHAPE, device="meta")
     for t in s.timesteps:
         x = s.step(torch.empty((4, *SHAPE[1:]), device="meta"), t, x, guidance_scale=3.0, seed=1).prev_sample
     assert x.device.type == "meta" and x.shape == SHAPE
-    x2 = fastdiff.sample(lambda x, t: x, s, SHAPE, num_inference_steps=10, device="meta", seed=0, progress=False)
+    x2 = fastdiff.sample(lambda x, t: x, s, SHAPE, num_inference_steps=4, device="meta", seed=0, progress=False)
     assert x2.device.type == "meta"
 
 

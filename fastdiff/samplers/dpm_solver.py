@@ -329,13 +329,6 @@ class MultistepSampler(BaseSampler):
         if self._begin_index is None:
             self._active = None  # the first step finds its index (and rows) again
 
-    def _history_for(self, sample: torch.Tensor) -> torch.Tensor:
-        # base.py allocates with `new_zeros(..., memory_format=)`, which torch rejects; allocate here (zeros:
-        # a warm-up row's unused history coefficients are exactly 0, so unwritten slots contribute nothing)
-        if self._history is None and self.history_slots:
-            self._history = torch.zeros((self.history_slots, *sample.shape), dtype=sample.dtype, device=sample.device)
-        return super()._history_for(sample)
-
     def _engine_state(self) -> tuple:
         return super()._engine_state() + (None if self._active is None else self._active[1],)
 

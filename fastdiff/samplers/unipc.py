@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from . import sigmas as S
-from .base import check_choice, table_dtype
+from .base import check_choice
 from .config import register_to_config
 from .dpm_solver import HISTORY, X, X0, ZERO, MultistepSampler, row_columns, table_from_rows
 
@@ -63,7 +63,7 @@ class UniPCMultistepSampler(MultistepSampler):
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
                  prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, predict_x0: bool = True,
-                 solver_type: str = "bh2", lower_order_final: bool = True, disable_corrector: Sequence[int] = (),
+                 solver_type: str = "bh2", lower_order_final: bool = True, disable_corrector: list[int] = [],  # noqa: B006
                  solver_p=None, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
                  use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, final_sigmas_type: str = "zero",
