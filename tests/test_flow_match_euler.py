@@ -2,8 +2,9 @@
 whole loops over every option (same generator), guidance, seeded noise, a small SD3 transformer inside
 diffusers' own StableDiffusion3Pipeline, the meta device, fastdiff.sample() and errors.
 
-Measured (reference backend, fp32): schedules are bit-equal, and every loop of the grid equals
-diffusers' bit for bit (rows hold diffusers' own float32 dt; the step is x + dt v in diffusers' order).
+Measured (reference and cpp backends, fp32; triton on its subset): schedules are bit-equal, and every
+single step and loop of the grid equals diffusers' bit for bit (rows hold diffusers' own float32 dt; the
+step is x + dt v in diffusers' order).
 The parity tests assert the DESIGN tolerance (loops 1e-4) so that backends with FMA contraction pass.
 """
 import inspect
@@ -318,13 +319,34 @@ def test_loop_runs_on_the_meta_device(monkeypatch, config):
     """A whole loop (first step from a device timestep, no set_begin_index) never reads a device value."""
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     sampler = Ours(**config)
-    sampler.set_timesteps(5, device="meta")
+    sampler.set_timesteps(3, device="meta")
     x = torch.empty(SHAPE, device="meta")
     for t in sampler.timesteps:
         x = sampler.step(torch.cat([x, x]), t, x, guidance_scale=3.0, skip_layer_output=x,
                          skip_layer_guidance_scale=1.0, seed=3).prev_sample
-    x = fastdiff.sample(lambda x, t: x, sampler, SHAPE, num_inference_steps=4, seed=1, device="meta", progress=False)
+    x = fastdiff.sample(lambda x, t: x, sampler, SHAPE, num_inference_steps=3, seed=1, device="meta", progress=False)
     assert x.device.type == "meta"
+
+
+@pytest.mark.parametrize("config", [{"shift": 3.0}, {"stochastic_sampling": True}])
+def test_step_compiles_fullgraph_without_recompiling(config):
+    """step traces whole (no .item(), no data-dependent branch) and does not recompile from step to step."""
+    ours, eager = Ours(**config), Ours(**config)
+    for s in (ours, eager):
+        s.set_timesteps(5)
+        s.set_begin_index(0)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step = torch.compile(ours.step, fullgraph=True, backend="aot_eager")
+        for t in ours.timesteps:
+            x = step(torch.cat([x, x]), t, x, seed=3, guidance_scale=2.0, skip_layer_output=x,
+                     skip_layer_guidance_scale=1.0, return_dict=False)[0]
+            y = eager.step(torch.cat([y, y]), t, y, seed=3, guidance_scale=2.0, skip_layer_output=y,
+                           skip_layer_guidance_scale=1.0).prev_sample
+    torch._dynamo.reset()
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("config", [{"shift": 3.0}, {"stochastic_sampling": True}])

@@ -28,11 +28,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import noise as N
 from .. import ops
 from .. import tables as T
 from . import sigmas as S
-from .base import BaseSampler, check_choice, randn_like_diffusers, table_dtype
+from .base import BaseSampler, check_choice, table_dtype
 from .config import register_to_config
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the ones diffusers' Euler samplers build
@@ -91,8 +90,9 @@ class SigmaSampler(BaseSampler):
         self._timesteps_host = timesteps.cpu().numpy()
         self.num_inference_steps = num_inference_steps
         self._device_cache = {}  # forward-noise tables and device sigmas of the previous schedule
+        self._noisy_rows: dict = {}  # step options -> which rows add noise (host bools, set when a table is built)
         self._new_schedule(device)  # fresh counter on `device`, no tables yet
-        self._table(torch.device(device or "cpu"))  # built now: a step only looks it up
+        self._table(self._counter.device)  # built now: a step only looks it up
 
     def _check_timestep(self, timestep) -> None:
         if isinstance(timestep, (bool, int, np.integer)) or (
@@ -280,6 +280,7 @@ class EulerDiscreteSampler(SigmaSampler):
         sigma_hat = sigma * torch.where(window, torch.tensor(gamma + 1, dtype=dtype), torch.tensor(1.0, dtype=dtype))
         churned = window & (gamma > 0)  # diffusers adds noise only when gamma > 0
         pre_noise = torch.where(churned, s_noise * (sigma_hat**2 - sigma**2) ** 0.5, torch.zeros_like(sigma))  # line 6
+        self._noisy_rows[(s_churn, s_tmin, s_tmax, s_noise)] = tuple(churned.tolist())
         q = sigma_next / sigma_hat  # x' = x^ + (x^ - x0) / sigma^ (sigma_next - sigma^) = q x^ + (1 - q) x0  (lines 7-8)
         return T.step_table(len(sigma), dtype=dtype, **vp_x0_columns(self.config.prediction_type, sigma, sigma_hat),
                             pre_noise=pre_noise, out_x=q, out_x0=1 - q, input_divisor=(sigma**2 + 1) ** 0.5)
@@ -322,6 +323,9 @@ class EulerDiscreteSampler(SigmaSampler):
         extra, extra_scale = self._skip_layer(skip_layer_output, skip_layer_guidance_scale, guidance_scale)
         self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=extra)
         index = self._step_index_tensor(timestep, sample.device)
+        if options and torch.compiler.is_compiling() and tuple(options.values()) not in self._noisy_rows:
+            raise RuntimeError(f"step options {options} are new to this schedule: under torch.compile a step only "
+                               "reads tables; run one eager step with these options first (that builds the table)")
         table = self._table(sample.device, **options)
         noisy = self._churn_draws(options, generator is not None)
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, noisy)
@@ -337,8 +341,7 @@ class EulerDiscreteSampler(SigmaSampler):
         set_begin_index (then it is read from the device: one sync, documented)."""
         if not options:
             return False
-        churned = self._on(torch.device("cpu"), ("churned", tuple(sorted(options.items()))),
-                           lambda d: self._table(d, **options)[:-1, T.PRE_NOISE].ne(0).tolist())
+        churned = self._noisy_rows[tuple(options.values())]  # set by _build_table (called by _table just before)
         if not per_step or all(churned) or not any(churned):
             return any(churned)
         return churned[self.step_index]
