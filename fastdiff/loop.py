@@ -57,8 +57,9 @@ def _check_sampler(sampler: Any) -> None:
     if not isinstance(sampler, BaseSampler):
         hint = ""
         if hasattr(sampler, "config") and hasattr(sampler, "step"):
-            hint = " (for a diffusers scheduler use fastdiff.DDPMSampler / DDIMSampler .from_config(scheduler.config))"
-        raise TypeError(f"sampler must be a fastdiff sampler (DDPMSampler, DDIMSampler), got "
+            hint = (f" (for diffusers' {type(sampler).__name__} use the fastdiff sampler that replaces it, e.g. "
+                    "fastdiff.EulerDiscreteSampler.from_config(scheduler.config))")
+        raise TypeError(f"sampler must be a fastdiff sampler (fastdiff.*Sampler), got "
                         f"{type(sampler).__name__}{hint}")
 
 

@@ -210,13 +210,13 @@ class BaseSampler(ConfigMixin):
             raise ValueError(f"the sampler's state is on {self._counter.device} but the sample is on {device}: "
                              f"call set_timesteps(..., device={str(device)!r})")
         if self._index_pending:
-            self._index_pending = False
-            if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            if isinstance(timestep, torch.Tensor) and not timestep.is_cpu:
                 self._counter.copy_(self._device_index_for_timestep(timestep))
                 self._step_index = None  # known on the device only
             else:
-                self._step_index = self._host_index_for_timestep(timestep)
+                self._step_index = self._host_index_for_timestep(timestep)  # raises for an unknown timestep
                 self._counter.fill_(self._step_index)
+            self._index_pending = False
         return self._counter
 
     def _host_index_for_timestep(self, timestep) -> int:
