@@ -15,15 +15,15 @@ mean c_x0 x_0 + c_xt x_t, variance beta~_t); p's side is the model's (mean, log 
 
 t = 0 (the last reverse step, x_0 -> data): the posterior q(x_{-1} | x_0, data) is a point mass
 (beta~_0 = 0), so its KL is not finite. The 2015 paper fixes that step to the forward kernel
-(sec. 2.4, "edge effect") and its code never trains it; a fastdiff DDPMSampler does use the
+(Appendix B.2, "edge effect") and its code never trains it; a fastdiff DDPMSampler does use the
 model at t = 0 (its mean, without noise), so we train it with the term DDPM uses there (Ho et al.
 2020, sec. 3.3, L_0), the negative log-likelihood of the data under p_theta(x_{-1} | x_0):
 
     -log N(x; mu_p, e^{lv_p}) = 1/2 (log 2 pi + lv_p + (x - mu_p)^2 e^{-lv_p})
 
 (a Gaussian decoder for continuous data; IDDPM discretizes it for 8-bit images). Both terms
-are the bound's, so a uniform t makes T x their mean an estimate of the bound on -log p(x),
-up to the prior term L_T, which has no parameters.
+are terms of the bound, so with t uniform, T times their mean estimates the bound on -log p(x)
+per dimension, up to the prior term L_T, which has no parameters.
 """
 from __future__ import annotations
 

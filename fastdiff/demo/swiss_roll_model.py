@@ -3,12 +3,14 @@ using Nonequilibrium Thermodynamics"): an MLP whose output is the mean and log-v
 reverse step p(x_{t-1} | x_t), trained on the closed-form KL of the variational bound
 (`fastdiff.diffusion_loss(..., loss="kl")`).
 
-Architecture as in their released code (Diffusion-Probabilistic-Models, model.py): a trunk shared
-by every timestep, then per-timestep output layers (their "temporal readout"); here each tail is a
-small MLP of its own (one hidden layer). The outputs are read as their code reads them: the mean
-is a perturbation of the forward step's mean, mu = sqrt(1 - beta_t) x_t + sqrt(beta_t) f_mu, and
-the log-variance one of the forward step's variance, log sigma^2 = log beta_t + f_var. The model
-still returns (mean, log variance) = [mu; log sigma^2], what DDPMSampler(prediction_type="mean",
+Architecture after their released code (Diffusion-Probabilistic-Models, model.py): a network
+shared by every timestep, then a per-timestep readout of (mu, sigma) coefficients (their
+`temporal_readout`, which blends the shared features through 10 smooth temporal basis functions);
+here each timestep has a tail of its own, a small MLP with one hidden layer. The outputs are read as
+their `get_mu_sigma` reads them: the mean is a perturbation of the forward step's mean,
+mu = sqrt(1 - beta_t) x_t + sqrt(beta_t) f_mu, and the variance one of the forward step's variance
+(theirs: sigmoid(f / sqrt(T) + logit beta_t); here log sigma^2 = log beta_t + f_var). The model
+returns (mean, log variance) = [mu; log sigma^2], what DDPMSampler(prediction_type="mean",
 variance_type="learned_log_variance") samples from.
 """
 from __future__ import annotations
@@ -106,14 +108,41 @@ class TrainSettings:
     seed: int = 0
 
 
+class Adam:
+    """Adam (Kingma & Ba 2015, Algorithm 1) over a few parameter tensors.
+
+    Written out because constructing any torch.optim optimizer imports torch._dynamo: ~3 s of
+    start-up here (more on a loaded CPU), longer than the whole --smoke training.
+    """
+
+    def __init__(self, parameters, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.parameters]
+        self.betas, self.eps, self.steps = betas, eps, 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1, correction2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for p, (m, v) in zip(self.parameters, self.moments):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.addcdiv_(m, (v / correction2).sqrt_().add_(self.eps), value=-lr / correction1)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters:
+            p.grad = None
+
+
 def train(model: SwissRollModel, sampler: DDPMSampler, data: torch.Tensor, settings: TrainSettings,
           progress: bool = True) -> list[float]:
-    """Adam on diffusion_loss(loss="kl") over batches drawn from `data`, cosine learning-rate decay;
-    returns the loss of every step."""
+    """Adam on diffusion_loss(loss="kl") over batches drawn from `data`, learning rate decayed to 0 on a
+    cosine; returns the loss of every step."""
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, settings.steps))))
+    optimizer = Adam(model.parameters())
     losses = []
     timesteps = stratified_timesteps(settings.batch_size, sampler.config.num_train_timesteps)
     model.train()
@@ -122,10 +151,9 @@ def train(model: SwissRollModel, sampler: DDPMSampler, data: torch.Tensor, setti
         x0 = data[torch.randint(0, len(data), (settings.batch_size,), generator=generator)]
         # Stratified timesteps (every t in every batch), noise from torch.randn (repeatable run to run).
         loss = diffusion_loss(model, x0, sampler, loss="kl", timesteps=timesteps, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        optimizer.step(settings.learning_rate * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
         losses.append(loss.detach())
         if step % 100 == 0 or step == settings.steps - 1:
             bar.set_postfix(kl=f"{loss.item():.4f}")

@@ -65,6 +65,9 @@ def table_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
+_NO_HISTORY = torch.empty(0)  # the history argument of a sampler without history, on the CPU
+
+
 class StepPlan(NamedTuple):
     """The config-derived options of a step (BaseSampler._plan)."""
     clip_range: Optional[float]  # clip_sample_range when clip_sample (and not thresholding), else None
@@ -144,8 +147,9 @@ class BaseSampler(ConfigMixin):
             value = self._device_cache[(name, device)] = make(device)
         return value
 
-    def _timestep_index(self, timestep, device: torch.device) -> torch.Tensor:
-        """Row index of a timestep-keyed table: t itself, as an int64 [1] tensor on `device`, no sync.
+    def _timestep_index(self, timestep, device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
+        """(row index, host timestep or None) of a timestep-keyed table: t itself, as an int64 [1] tensor on
+        `device`, no sync.
 
         A host timestep (an int, or a CPU tensor outside torch.compile) is checked against the
         schedule once and served as a cached view of a device arange; a device timestep is used as
@@ -155,7 +159,7 @@ class BaseSampler(ConfigMixin):
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
             if not timestep.is_cpu or torch.compiler.is_compiling():
-                return timestep.reshape(1).to(device=device, dtype=torch.int64)
+                return timestep.reshape(1).to(device=device, dtype=torch.int64), None
         elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             raise TypeError(f"timestep must be an int or a 1-element tensor, got {type(timestep).__name__}")
         t = int(timestep)
@@ -164,7 +168,7 @@ class BaseSampler(ConfigMixin):
             self._check_host_timestep(t)
             arange = self._on(device, "arange", lambda d: torch.arange(self.config.num_train_timesteps + 1, device=d))
             view = self._index_views[(t, device)] = arange[t:t + 1]  # a view: no kernel
-        return view
+        return view, t
 
     def _check_host_timestep(self, t: int) -> None:
         raise NotImplementedError
@@ -261,7 +265,7 @@ class BaseSampler(ConfigMixin):
     def _history_for(self, sample: torch.Tensor) -> torch.Tensor:
         """The history buffer [slots, *sample.shape], allocated (zeros) on the first step after set_timesteps."""
         if self.history_slots == 0:
-            return self._on(sample.device, "no_history", lambda d: torch.empty(0, device=d))
+            return _NO_HISTORY if sample.is_cpu else self._on(sample.device, "no_history", lambda d: torch.empty(0, device=d))
         history = self._history
         if history is None:
             history = self._history = sample.new_zeros((self.history_slots, *sample.shape))  # contiguous
@@ -297,6 +301,9 @@ class BaseSampler(ConfigMixin):
             else (sample.shape[1:2] or (None,))
         ok = (model_output.ndim == sample.ndim and model_output.shape[0] == batch
               and (sample.ndim < 2 or model_output.shape[1] in channels) and model_output.shape[2:] == sample.shape[2:])
+        if ok and self._plan().variance_mode != T.VAR_FIXED and model_output.shape[1:2] != (2 * sample.shape[1],):
+            raise ValueError(f"variance_type={self.config.get('variance_type')!r} needs model_output with "
+                             f"2 x {sample.shape[1]} channels ([prediction; variance]), got {model_output.shape[1]}")
         if not ok:
             want = f"[{batch}, {' or '.join(map(str, channels))}, {', '.join(map(str, sample.shape[2:]))}]"
             cfg = " ([uncond; cond] batch for guidance_scale)" if guidance_scale is not None else ""

@@ -106,15 +106,17 @@ class DDIMSampler(BaseSampler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[torch.Tensor] = None,
              return_dict: bool = True, *, seed: Optional[int] = None, guidance_scale: Optional[float] = None,
-             sample_offset: int = 0, out: Optional[torch.Tensor] = None):
+             sample_offset: int = 0, out: Optional[torch.Tensor] = None,
+             skip_layer_output: Optional[torch.Tensor] = None, skip_layer_guidance_scale: float = 0.0):
         """One DDIM step (DDIM eq. 12; sigma_t = eta * eq. 16) in one fused op (`out=`: see BaseSampler)."""
         self._steps()
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"eta must be a float >= 0, got {eta!r}")
-        self._check_step_inputs(model_output, sample, guidance_scale)
-        index = self._timestep_index(timestep, sample.device)
+        self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=skip_layer_output)
+        index, _ = self._timestep_index(timestep, sample.device)
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, eta > 0)
         table = self._table(sample.device, eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
         return self._run_step(model_output, sample, table, index, noise=noise if eta > 0 else None,
                               seed=seed, sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              out=out, return_dict=return_dict)
+                              guidance_extra=skip_layer_output,
+                              extra_scale=skip_layer_guidance_scale, out=out, return_dict=return_dict)

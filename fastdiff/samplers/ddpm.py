@@ -31,7 +31,6 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # x0 as two numbers (s
 DDPM_PREDICTION_TYPES = (*PREDICTION_TYPES, "mean")  # + a model of the reverse mean (DDPMSampler only)
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range",
                   "learned_log_variance")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range", "learned_log_variance")  # model_output = [prediction; v]
 
 
 def x0_coefficients(prediction_type: str, abar_t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,7 +57,7 @@ def posterior_mean_coefficients(abar_t: torch.Tensor, abar_prev: torch.Tensor) -
 def mean_rows(abar: torch.Tensor, t: torch.Tensor, prev: torch.Tensor, out_x0: torch.Tensor, out_x: torch.Tensor,
               clipped: bool) -> dict[str, torch.Tensor]:
     """Step-table columns for prediction_type="mean": the model output m is mu_theta(x_t, t), the mean of
-    p(x_{t-1} | x_t) (Sohl-Dickstein et al. 2015, eq. 5 / sec. 2.2).
+    p(x_{t-1} | x_t) (Sohl-Dickstein et al. 2015, sec. 2.2).
 
     x0 = (m - c_xt x_t) / c_x0, with (c_x0, c_xt) of eq. 7 from t to t - 1 (the step the model was
     trained for): the x0 whose posterior mean is m. Then
@@ -66,7 +65,8 @@ def mean_rows(abar: torch.Tensor, t: torch.Tensor, prev: torch.Tensor, out_x0: t
     - with clip_sample / thresholding, x0 is clipped and out is eq. 7's posterior mean of the clipped
       x0 (what diffusers does for every other prediction type), and with a spaced schedule
       (prev < t - 1) out is eq. 7 from t to prev of that x0 (out_x0, out_x: those coefficients).
-    A zero beta_t (c_x0 = 0: mu carries nothing of x0) gives x0 = m, a finite stand-in.
+    A zero beta_t (c_x0 = 0: mu carries nothing of x0) gives x0 = m, a finite stand-in. A learned
+    log-variance is the model's one-step variance; a spaced schedule uses it as it is.
     """
     one = torch.ones_like(out_x0)
     abar_before = torch.where(t > 0, abar[(t - 1).clamp(min=0)], one)
@@ -123,7 +123,7 @@ class DDPMSampler(BaseSampler):
         """One row per training timestep t (NaN for t not in the schedule), in diffusers' operation order."""
         config, dtype = self.config, table_dtype(self.config.table_dtype)
         T_ = config.num_train_timesteps
-        steps = self.timesteps.cpu().numpy()
+        steps = self._timesteps_host  # never read back from the device (a sync, or impossible on meta)
         t = torch.from_numpy(steps)
         prev = torch.from_numpy(np.append(steps[1:], -1))
         abar = self.alphas_cumprod.to(dtype)
@@ -218,7 +218,8 @@ class DDPMSampler(BaseSampler):
         """Mean and log-variance of q(x_{t-1} | x_t, x0) (DDPM eq. 6-7), per sample's timestep ([B] int64).
         At t = 0 the variance is 0 (log-variance -inf): x_{-1} is x0 itself."""
         post = self._one_step_posterior(x_t.device)
-        mean = self._per_sample(post["c_x0"], timesteps, x_t) * x0 + self._per_sample(post["c_xt"], timesteps, x_t) * x_t
+        c_x0, c_xt = (self._per_sample(post[name], timesteps, x_t) for name in ("c_x0", "c_xt"))
+        mean = c_x0 * x0 + c_xt * x_t
         return mean, torch.log(self._per_sample(post["variance"], timesteps, x_t)).expand_as(mean)
 
     def model_mean_log_variance(self, model_output: torch.Tensor, x_t: torch.Tensor,
@@ -258,6 +259,7 @@ class DDPMSampler(BaseSampler):
     # ---- timesteps ----------------------------------------------------------------------------
     def _set_schedule(self, timesteps: np.ndarray, device) -> None:
         self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._timesteps_host = timesteps
         self._schedule = set(timesteps.tolist())
         self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
         self._new_schedule(device)
@@ -300,20 +302,18 @@ class DDPMSampler(BaseSampler):
     # ---- the step -----------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-             guidance_scale: Optional[float] = None, sample_offset: int = 0, out: Optional[torch.Tensor] = None):
+             guidance_scale: Optional[float] = None, sample_offset: int = 0, out: Optional[torch.Tensor] = None,
+             skip_layer_output: Optional[torch.Tensor] = None, skip_layer_guidance_scale: float = 0.0):
         """One reverse step x_t -> x_{t-1} (DDPM Algorithm 2 / eq. 7) in one fused op (`out=`: see BaseSampler)."""
-        learned = self.config.variance_type in LEARNED_VARIANCE_TYPES
-        self._check_step_inputs(model_output, sample, guidance_scale, learned)
-        if self.config.variance_type in ("learned", "learned_log_variance") and model_output.shape[1] != 2 * sample.shape[1]:
-            raise ValueError(f"variance_type={self.config.variance_type!r} needs model_output with 2 x "
-                             f"{sample.shape[1]} channels, got {model_output.shape[1]}")
-        index = self._timestep_index(timestep, sample.device)
-        host_last = (not isinstance(timestep, torch.Tensor) or timestep.is_cpu and not torch.compiler.is_compiling()) \
-            and int(timestep) == 0  # diffusers draws no noise at t = 0 (a device t: the row's std is 0)
+        self._check_step_inputs(model_output, sample, guidance_scale, self._plan().variance_mode != T.VAR_FIXED,
+                                guidance_extra=skip_layer_output)
+        index, host_t = self._timestep_index(timestep, sample.device)
+        host_last = host_t == 0  # diffusers draws no noise at t = 0 (a device t: the row's std is 0)
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, not host_last)
         return self._run_step(model_output, sample, self._table(sample.device), index, noise=noise, seed=seed,
                               sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              out=out, return_dict=return_dict)
+                              guidance_extra=skip_layer_output,
+                              extra_scale=skip_layer_guidance_scale, out=out, return_dict=return_dict)
 
     # ---- diffusers' variance helper -----------------------------------------------------------
     def _get_variance(self, t, predicted_variance: Optional[torch.Tensor] = None,
