@@ -34,7 +34,7 @@ class _Missing(types.ModuleType):
         return unavailable
 
 
-def _stub(name: str) -> None:
+def _stub(name: str, created: list) -> None:
     """Put a stand-in for `name` (and its parents) into sys.modules unless the real one imports."""
     if name in sys.modules:
         return
@@ -45,8 +45,9 @@ def _stub(name: str) -> None:
     except Exception:  # ImportError, or a broken install raising anything else
         parent, _, child = name.rpartition(".")
         if parent:
-            _stub(parent)
+            _stub(parent, created)
         module = sys.modules[name] = _Missing(name)
+        created.append(name)
         if parent:
             setattr(sys.modules[parent], child, module)
 
@@ -57,9 +58,10 @@ def _load():
     if spec is None or not spec.submodule_search_locations:
         return None, "k-diffusion is not installed (pip install --no-deps k-diffusion)"
     folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    created = []
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchsde",
                  "torchdiffeq", "scipy", "scipy.integrate", "PIL", "PIL.Image", "safetensors"):
-        _stub(name)
+        _stub(name, created)
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(folder)]
     sys.modules[PACKAGE] = package
@@ -71,6 +73,8 @@ def _load():
         module_spec.loader.exec_module(module)
         setattr(package, name, module)
         modules[name] = module
+    for name in created:  # k-diffusion holds what it imported; other code must not see the stand-ins
+        sys.modules.pop(name, None)
     return modules["sampling"], None
 
 

@@ -1,11 +1,13 @@
 """fastdiff samplers inside diffusers' own DDPMPipeline / DDIMPipeline give diffusers' images.
 
-A tiny randomly initialised UNet2DModel is built locally (no downloads). Tolerances: diffusers
-computes its per-step coefficients in float32 (1 - abar_t / abar_prev cancels), fastdiff derives
-them in float64 from the same float32 tables. With diffusers' tables promoted to float64 the two
-agree to float32 rounding (atol 1e-5 on the [0, 1] images); against stock diffusers they differ
-by the float32 cancellation error of diffusers' coefficients, ~1e-5 per step, so a few steps
-stay below 1e-3 on the images.
+A tiny randomly initialised UNet2DModel is built locally (no downloads). The default tables
+(`table_dtype="float32"`) hold the coefficients diffusers itself computes, in its float32 operation
+order, so stock diffusers matches to kernel rounding (measured: a few 1e-6 on the [0, 1] images;
+the fused step's x_prev = a x + b x0 + s n rounds a little differently from diffusers' sequence of
+tensor ops). `table_dtype="float64"` derives the coefficients in float64 from the same float32
+schedule: it matches diffusers with its tables promoted to float64 (`float64_tables`). A 100-step
+cosine DDPM run shows the two derivations apart (measured: each matches its twin to ~5e-6 and the
+other one to ~2e-5).
 """
 import numpy as np
 import pytest
@@ -17,6 +19,17 @@ import fastdiff  # noqa: E402
 
 STEPS = 5
 BATCH = 2
+TIGHT = 1e-5  # max pixel difference to the matching diffusers twin
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny UNet gains nothing from threads; on a busy 2-core machine two threads spin against each other
+    (the 100-step test took 390 s with two threads, 15 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +50,18 @@ def float64_tables(scheduler):
     return scheduler
 
 
-def run(pipeline_class, unet, scheduler, seed=0, **kwargs) -> np.ndarray:
+def run(pipeline_class, unet, scheduler, seed=0, steps=STEPS, **kwargs) -> np.ndarray:
     pipe = pipeline_class(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = scheduler  # DDIMPipeline.__init__ converts any scheduler to DDIMScheduler: set it again
-    images = pipe(batch_size=BATCH, generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS,
+    images = pipe(batch_size=BATCH, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                   output_type="np", **kwargs).images
     assert type(pipe.scheduler) is type(scheduler)
     return images
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
 
 
 CASES = [
@@ -59,13 +76,35 @@ def test_pipeline_with_fastdiff_sampler_equals_diffusers(unet, name, pipeline_cl
                                                          kwargs):
     stock = scheduler_class(num_train_timesteps=1000)
     sampler = sampler_class.from_config(stock.config)
+    assert sampler.config.table_dtype == "float32"
     ours = run(pipeline_class, unet, sampler, **kwargs)
+    theirs = run(pipeline_class, unet, scheduler_class.from_config(stock.config), **kwargs)
+    ours64 = run(pipeline_class, unet, sampler_class.from_config(stock.config, table_dtype="float64"), **kwargs)
     exact = run(pipeline_class, unet, float64_tables(scheduler_class.from_config(stock.config)), **kwargs)
-    theirs = run(pipeline_class, unet, stock, **kwargs)
+    print(f"\n{name}: float32 tables vs stock diffusers {max_diff(ours, theirs):.3g}, "
+          f"float64 tables vs diffusers with float64 tables {max_diff(ours64, exact):.3g}")
 
     assert ours.shape == (BATCH, 16, 16, 3) and np.isfinite(ours).all()
     assert ours.std() > 0.05  # real images, not a constant
-    np.testing.assert_allclose(ours, exact, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours, theirs, atol=TIGHT, rtol=0)
+    np.testing.assert_allclose(ours64, exact, atol=TIGHT, rtol=0)
     other_seed = run(pipeline_class, unet, sampler, seed=1, **kwargs)
     assert np.abs(other_seed - ours).max() > 0.01  # the generator is what the images depend on
+
+
+def test_table_dtype_tells_the_two_derivations_apart(unet):
+    """100 cosine DDPM steps (fixed_small_log, where 1 - abar_t / abar_prev cancels most): float32 tables match
+    stock diffusers, float64 tables match diffusers with float64 tables, each clearly closer to its own twin."""
+    config = dict(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small_log", clip_sample=False)
+    pipeline = diffusers.DDPMPipeline
+    ours = run(pipeline, unet, fastdiff.DDPMSampler(**config), steps=100)
+    ours64 = run(pipeline, unet, fastdiff.DDPMSampler(**config, table_dtype="float64"), steps=100)
+    theirs = run(pipeline, unet, diffusers.DDPMScheduler(**config), steps=100)
+    exact = run(pipeline, unet, float64_tables(diffusers.DDPMScheduler(**config)), steps=100)
+    matched = max(max_diff(ours, theirs), max_diff(ours64, exact))
+    crossed = min(max_diff(ours, exact), max_diff(ours64, theirs))
+    print(f"\n100 cosine DDPM steps: float32 vs stock {max_diff(ours, theirs):.3g}, float64 vs float64 twin "
+          f"{max_diff(ours64, exact):.3g}; crossed: float32 vs float64 twin {max_diff(ours, exact):.3g}, "
+          f"float64 vs stock {max_diff(ours64, theirs):.3g}")
+    assert matched <= TIGHT
+    assert crossed > 2 * matched

@@ -193,8 +193,8 @@ def test_inputs_are_checked():
         sampler.step(torch.randn(SHAPE), 5, torch.randn(SHAPE))
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         fastdiff.DDIMSampler(prediction_type="mean")  # DDIM has no mean model (not asked for)
-    with pytest.raises(ValueError, match="variance_type must be one of"):
-        fastdiff.DDPMSampler(variance_type="learned_log_var")
+    with pytest.warns(UserWarning, match="variance_type='learned_log_var' is not one of"):
+        fastdiff.DDPMSampler(variance_type="learned_log_var")  # as diffusers: sampled as fixed_small
 
 
 # ---- training: the posterior-mean target ------------------------------------------------------------

@@ -381,6 +381,7 @@ def test_karras_list_is_diffusers_enum():
     assert set(KARRAS_SCHEDULERS) == {e.name for e in KarrasDiffusionSchedulers}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers' KDPM2 / SDE schedulers
 @pytest.mark.parametrize("ours,theirs", PAIRS)
 def test_compatibles(ours, theirs):
     sampler = ours()
@@ -482,8 +483,6 @@ def test_zero_beta_steps_equal_diffusers_where_diffusers_is_finite(ours, theirs,
     assert int(b.timesteps[-1]) == 0 and torch.isnan(b.step(eps, 0, x).prev_sample).all()  # diffusers: 0 / 0
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's _build_table change for 1 - abar_t = 0 (see the report): "
-                                       "today the step at t = 0 gives NaN, as diffusers")
 @pytest.mark.parametrize("ours", [fastdiff.DDPMSampler, fastdiff.DDIMSampler])
 @pytest.mark.parametrize("kwargs", [dict(beta_start=0.0), dict(trained_betas=[0.0] * 3 + [0.01] * 997)],
                          ids=["beta_start=0", "trained-leading-zeros"])
@@ -525,8 +524,6 @@ def test_trained_betas_shorter_than_num_train_timesteps_raise_early():
         fastdiff.DDPMSampler(trained_betas=[0.01] * 50, num_train_timesteps=100)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's change in DDPMSampler.__init__ / its variance columns "
-                                       "(schedules.effective_variance_type; see the report): today it raises")
 def test_unknown_variance_type_is_fixed_small_with_a_warning():
     """diffusers accepts any variance_type and samples an unknown one as fixed_small, silently."""
     with pytest.warns(UserWarning, match="variance_type='fixed' is not one of"):

@@ -72,7 +72,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def checkpoint_key(model: DigitDenoiser, sampler: BaseSampler, settings: TrainSettings) -> dict:
     """Everything that decides the trained weights: a checkpoint is reused only when this matches."""
-    return {"format": CHECKPOINT_FORMAT, "model": dict(model.config), "sampler": dict(sampler.config),
+    sampler_config = {k: v for k, v in sampler.config.items() if not k.startswith("_")}  # not _use_default_values
+    return {"format": CHECKPOINT_FORMAT, "model": dict(model.config), "sampler": sampler_config,
             "train": asdict(settings)}
 
 

@@ -22,7 +22,9 @@ and is tested against it (tests/test_sampler_api.py):
   named by `_class_name` are dropped silently; other unknown keys are ignored with diffusers'
   warning ("The config attributes {...} were passed to X, but are not expected and will be
   ignored..."); keys the class does not take are kept in the new config ("hidden", so swapping
-  back restores them). Unknown **kwargs: diffusers ignores them silently; we ignore them too but
+  back restores them). diffusers' classes are consulted for this only when diffusers is already
+  imported (from_config never imports it): without it, keys of diffusers' other schedulers are
+  reported as unexpected (the same warning; nothing else changes). Unknown **kwargs: diffusers ignores them silently; we ignore them too but
   log a warning (a typo would otherwise go unnoticed), unless return_unused_kwargs=True returns them.
 - `_class_name` names the diffusers scheduler a sampler replaces (DDPMSampler -> "DDPMScheduler"),
   so stock diffusers and tools that read `scheduler_config.json` recognise the file; it is in the
@@ -45,6 +47,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.abc
 import importlib.metadata
 import importlib.util
 import inspect
@@ -69,6 +72,8 @@ DIFFUSERS_TESTED_VERSION = "0.42.1"  # the diffusers release this surface is tes
 FASTDIFF_ONLY_KEYS = {
     "table_dtype": "dtype the step coefficients are derived in: 'float32' (diffusers' values, in its "
                    "operation order; the default) or 'float64'",
+    "sde_third_order": "DPMSolverMultistepSampler, third-order SDE-DPM-Solver++: 'k-diffusion' (the convergent "
+                       "weight, the default) or 'diffusers' (diffusers' sign)",
 }
 
 # diffusers' KarrasDiffusionSchedulers: the `_compatibles` of DDPM/DDIM/Euler/DPM-Solver/UniPC/... (a
@@ -211,8 +216,17 @@ def _diffusers_version() -> str:
         return DIFFUSERS_TESTED_VERSION
 
 
-class ConfigMixin:
+class _DiffusersBase:
+    """Where diffusers' SchedulerMixin joins ConfigMixin's bases once diffusers is loaded (adopt_scheduler_mixin)."""
+
+
+class ConfigMixin(_DiffusersBase):
     """Config surface of every sampler (diffusers' ConfigMixin + SchedulerMixin, see the module docstring)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _SAMPLER_MODULES.add(cls.__module__)
+        _expose_scheduler_mixin()  # when diffusers was loaded first
 
     config_name = CONFIG_NAME
     ignore_for_config: list[str] = []
@@ -475,3 +489,73 @@ class ConfigMixin:
         config, kwargs, _ = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder,
                                             return_unused_kwargs=True, return_commit_hash=True, **kwargs)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+# ---- inside diffusers pipelines ----------------------------------------------------------------------
+# diffusers' pipelines accept (`Pipeline.from_pretrained(..., scheduler=x)`) and save a scheduler only
+# if it subclasses diffusers' SchedulerMixin. Importing diffusers costs seconds, so fastdiff does not:
+# instead, the moment diffusers' scheduling utilities are loaded (before or after fastdiff),
+# SchedulerMixin becomes a second base of ConfigMixin. Our own methods come first in the MRO, so only
+# the class ancestry changes: every fastdiff sampler is then a SchedulerMixin for diffusers' checks.
+_SCHEDULING_UTILS = "diffusers.schedulers.scheduling_utils"
+
+
+_SAMPLER_MODULES: set[str] = set()  # modules defining fastdiff samplers (ConfigMixin.__init_subclass__)
+
+
+def _scheduler_mixin() -> Optional[type]:
+    return next((base for base in ConfigMixin.__bases__ if base is not _DiffusersBase), None)
+
+
+def _expose_scheduler_mixin() -> None:
+    """A saved pipeline names its scheduler's module; diffusers loads it by finding `SchedulerMixin` in
+    that module and calling its from_pretrained: give every sampler module that name."""
+    mixin = _scheduler_mixin()
+    for name in _SAMPLER_MODULES if mixin is not None else ():
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "SchedulerMixin", None) is not mixin:
+            module.SchedulerMixin = mixin
+
+
+def adopt_scheduler_mixin(scheduling_utils) -> None:
+    """Make diffusers' SchedulerMixin a base of every fastdiff sampler (idempotent; never raises: at worst
+    pipelines refuse our samplers in from_pretrained, with diffusers' own error)."""
+    mixin = getattr(scheduling_utils, "SchedulerMixin", None)
+    if mixin is None or issubclass(ConfigMixin, mixin):
+        return
+    try:  # (a class whose only base is `object` cannot take a new base: hence _DiffusersBase)
+        ConfigMixin.__bases__ = (_DiffusersBase, mixin)
+    except TypeError as error:
+        logger.warning("fastdiff samplers could not become diffusers SchedulerMixin subclasses: %s", error)
+    _expose_scheduler_mixin()
+
+
+class _AdoptOnImport(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing itself: it wraps the loader of diffusers' scheduling utilities so that
+    adopt_scheduler_mixin runs right after that module executes, then removes itself."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _SCHEDULING_UTILS:
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_adopt(module):
+            exec_module(module)
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            adopt_scheduler_mixin(module)
+
+        spec.loader.exec_module = exec_and_adopt  # this spec's loader instance only
+        return spec
+
+
+if _SCHEDULING_UTILS in sys.modules:
+    adopt_scheduler_mixin(sys.modules[_SCHEDULING_UTILS])
+else:
+    sys.meta_path.insert(0, _AdoptOnImport())

@@ -70,10 +70,13 @@ class DDIMSampler(BaseSampler):
         abar_t = abar
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.final_alpha_cumprod.to(dtype))
         beta_prod_t, beta_prod_t_prev = 1 - abar_t, 1 - abar_prev
+        noise_free = beta_prod_t == 0  # abar_t = 1 (leading zero betas): x_t is x0 (diffusers: 0 / 0, NaN)
         variance = (beta_prod_t_prev / beta_prod_t) * (1 - abar_t / abar_prev)  # DDIM eq. 16
+        variance = torch.where(noise_free, torch.zeros_like(variance), variance)  # the limit: x_prev = x0
         std_dev_t = eta * variance ** 0.5
         direction = torch.clamp(1 - abar_prev - std_dev_t ** 2, min=0) ** 0.5  # NaN policy: eta > 1
         eps = eps_coefficients(config.prediction_type, abar_t, use_clipped_model_output)
+        eps = {k: torch.where(noise_free, torch.zeros_like(v), v) for k, v in eps.items()}  # direction is 0 there
         return T.step_table(T_, dtype=dtype, **x0_coefficients(config.prediction_type, abar_t),
                             out_x=direction * eps["x"], out_m=direction * eps["m"],
                             out_x0=abar_prev ** 0.5 + direction * eps["x0"],  # DDIM eq. 12

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import schedules
 from .. import tables as T
 from .base import BaseSampler, check_choice, check_vp_config, spaced_timesteps, table_dtype
 from .config import register_to_config
@@ -104,7 +105,7 @@ class DDPMSampler(BaseSampler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, table_dtype: str = "float32"):
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        schedules.effective_variance_type(variance_type, VARIANCE_TYPES)  # unknown: fixed_small + a warning (diffusers: silent)
         check_vp_config(self.config, DDPM_PREDICTION_TYPES)
         self._init_schedule(self.config)
         self._set_schedule(np.arange(0, num_train_timesteps)[::-1].copy(), device=None)
@@ -134,6 +135,11 @@ class DDPMSampler(BaseSampler):
         current_beta_t = 1 - current_alpha_t
         out_x0 = (abar_prev ** 0.5 * current_beta_t) / beta_prod_t  # eq. 7
         out_x = current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t  # eq. 7
+        # abar_t = 1 (leading zero betas): x_t is x0 and eq. 7 is 0 / 0 (diffusers: NaN). The limit as
+        # beta_t -> 0 is x_prev = x0: out_x0 = 1, out_x = 0, no noise.
+        noise_free = beta_prod_t == 0
+        out_x0 = torch.where(noise_free, torch.ones_like(out_x0), out_x0)
+        out_x = torch.where(noise_free, torch.zeros_like(out_x), out_x)
         if config.prediction_type == "mean":
             clipped = bool(config.clip_sample or config.thresholding)
             coefficients = mean_rows(abar, t, prev, out_x0, out_x, clipped)
@@ -144,7 +150,10 @@ class DDPMSampler(BaseSampler):
             **self._noise_columns(beta_prod_t_prev / beta_prod_t * current_beta_t, current_beta_t),
             "noise_counter": t.to(dtype),  # Philox counter: the timestep (seeded noise keyed by t)
         }
-        rows["noise_std"] = torch.where(t > 0, rows["noise_std"], 0)  # diffusers adds no noise at t = 0
+        rows["noise_std"] = torch.where((t > 0) & ~noise_free, rows["noise_std"], 0)  # diffusers adds no noise at t = 0
+        for name in ("var_bias", "var_slope"):
+            if name in rows:
+                rows[name] = torch.where(noise_free, torch.zeros_like(rows[name]), rows[name])
         full = {name: torch.zeros(T_, dtype=dtype).index_copy_(0, t, value.to(dtype)) for name, value in rows.items()}
         table = T.step_table(T_, dtype=dtype, **full)
         unscheduled = torch.ones(T_ + 1, dtype=torch.bool).index_fill_(0, t, False)
@@ -161,7 +170,8 @@ class DDPMSampler(BaseSampler):
         (mean, log variance)): std = exp(v / 2), bias 0, slope 1/2.
         """
         variance = torch.clamp(posterior_variance, min=1e-20)
-        variance_type, one = self.config.variance_type, torch.ones_like(variance)
+        variance_type = schedules.effective_variance_type(self.config.variance_type, VARIANCE_TYPES, warn=False)
+        one = torch.ones_like(variance)
         if variance_type == "fixed_small":
             return {"noise_std": variance ** 0.5}
         if variance_type == "fixed_small_log":
