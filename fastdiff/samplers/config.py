@@ -4,6 +4,9 @@
 Why our own class and not diffusers' `ConfigMixin` / `SchedulerMixin` (DESIGN "The diffusers
 surface"): fastdiff must import and run without diffusers (it is a test dependency only, see
 pyproject), and importing diffusers' scheduling utilities costs seconds; the contract is small.
+Pipelines, though, accept and save a scheduler only if it subclasses diffusers' SchedulerMixin: so
+when diffusers' scheduling utilities are loaded (before or after fastdiff), SchedulerMixin joins
+ConfigMixin's bases (end of this file), without an import of diffusers from fastdiff.
 Every item below follows diffusers 0.42 (configuration_utils.py, schedulers/scheduling_utils.py)
 and is tested against it (tests/test_sampler_api.py):
 
