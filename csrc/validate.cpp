@@ -52,8 +52,13 @@ at::ScalarType storage_dtype(const Tensor& sample, std::initializer_list<const T
   return sample.scalar_type();
 }
 
+// An input as the kernels read it: contiguous in the storage dtype (the tensor itself when it already
+// is: no dispatcher call on the common path, which matters for small steps).
 const void* input(OutputPlan& plan, const Tensor& t, at::ScalarType dtype) {
-  plan.keep.push_back(t.to(dtype).contiguous());
+  if (t.scalar_type() == dtype && t.is_contiguous())
+    plan.keep.push_back(t);
+  else
+    plan.keep.push_back(t.to(dtype).contiguous());
   return plan.keep.back().const_data_ptr();
 }
 
@@ -152,7 +157,10 @@ StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tenso
   check_seed(op, seed.value_or(0), sample_offset);
   const bool cfg = guidance_scale.has_value();
   bool variance_channels = false;
-  check_model_output(op, model_output, sample, cfg, variance != FD_VAR_FIXED, variance_channels);
+  // A learned variance mode needs the variance channels when the step has noise (the reference
+  // forms the std only then).
+  const bool noisy = noise.has_value() || seed.has_value();
+  check_model_output(op, model_output, sample, cfg, variance != FD_VAR_FIXED && noisy, variance_channels);
   check_table(op, table, sample, FD_WIDTH);
   check_device(op, "index", index, sample);
   TORCH_CHECK(index.scalar_type() == at::kLong && index.numel() == 1,
@@ -196,6 +204,9 @@ StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tenso
   }
 
   StepPlan p;
+  p.keep.reserve(8);
+  p.outputs.reserve(3);
+  p.work.reserve(3);
   const Tensor* noise_t = noise.has_value() ? &*noise : nullptr;
   const Tensor* extra_t = extra ? &*guidance_extra : nullptr;
   at::ScalarType dt = storage_dtype(sample, {&model_output, noise_t, extra_t});

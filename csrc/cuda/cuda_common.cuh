@@ -90,7 +90,7 @@ inline bool quad_aligned(const void* p) {
 // 16-bit storage (8 elements, two Philox quads) or one quad of 32/64-bit storage (16 / 32 bytes),
 // moved as one vector when PACK (every item whole and every pointer E-element aligned).
 template <typename S>
-constexpr int item_elems() {
+__host__ __device__ constexpr int item_elems() {
   return sizeof(S) == 2 ? 8 : 4;
 }
 
@@ -117,10 +117,13 @@ inline bool item_aligned(const void* p) {
 
 template <bool PACK, int E, typename S>
 __device__ inline Pack<S, E> load_item(const S* p, int count) {
-  if (PACK) return load_pack<E>(p);
   Pack<S, E> r;
+  if (PACK) {
+    r = load_pack<E>(p);
+  } else {
 #pragma unroll
-  for (int e = 0; e < E; ++e) r.v[e] = e < count ? p[e] : from_math<S>(math_t<S>(0));
+    for (int e = 0; e < E; ++e) r.v[e] = e < count ? p[e] : from_math<S>(math_t<S>(0));
+  }
   return r;
 }
 

@@ -4,8 +4,10 @@
 // in a one-thread kernel queued after it on the same stream, so no block can read the index after
 // it changed.
 //
-// Kernels per (storage type, packed or not, noise source): 24. Guidance, variance mode, history
-// reads and writes are uniform branches on kernel arguments and row values.
+// Kernels per (storage type, packed or not, noise source, history or not): 48. Guidance, variance
+// mode, the number of history reads and which outputs are written are uniform branches on kernel
+// arguments and row values. FULL (the step reads or writes the history) is a template parameter so
+// that the common steps without history (DDPM, DDIM, Euler) keep their register count low.
 #include "cuda_common.cuh"
 
 namespace fastdiff {
@@ -15,7 +17,7 @@ namespace {
 // Grid-stride loop over items (cuda_common.cuh: E elements of one sample, one or two Philox quads).
 // PACK: every item is whole and aligned, moved with vector loads/stores. Plain loads only (no
 // __ldg / non-coherent loads): `out` may be `sample` and history slots are read and written.
-template <typename S, bool PACK, int NOISE>
+template <typename S, bool PACK, int NOISE, bool FULL>
 __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
   using C = math_t<S>;
   constexpr int E = item_elems<S>();
@@ -36,12 +38,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
   const S* read_base[FD_MAX_HISTORY_READS];
 #pragma unroll
   for (int j = 0; j < FD_MAX_HISTORY_READS; ++j)
-    read_base[j] = j < a.history_reads
+    read_base[j] = FULL && j < a.history_reads
                        ? static_cast<const S*>(a.history) + fd_history_slot(row[FD_READ_SLOT1 + j], a.slots) * slot_stride
                        : nullptr;
-  S* out2_base = a.write_out2 ? static_cast<S*>(a.history) + fd_history_slot(row[FD_OUT2_SLOT], a.slots) * slot_stride
+  S* out2_base = FULL && a.write_out2 ? static_cast<S*>(a.history) + fd_history_slot(row[FD_OUT2_SLOT], a.slots) * slot_stride
                               : nullptr;
-  S* hist_base = a.write_history
+  S* hist_base = FULL && a.write_history
                      ? static_cast<S*>(a.history) + fd_history_slot(row[FD_HIST_SLOT], a.slots) * slot_stride
                      : nullptr;
   const C w = C(a.guidance_scale), w2 = C(a.extra_scale);
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
     Pack<S, E> h[FD_MAX_HISTORY_READS];
 #pragma unroll
     for (int j = 0; j < FD_MAX_HISTORY_READS; ++j)
-      h[j] = read_base[j] != nullptr ? load_item<PACK, E>(read_base[j] + it.idx, it.count) : zero;
+      h[j] = FULL && read_base[j] != nullptr ? load_item<PACK, E>(read_base[j] + it.idx, it.count) : zero;
     C n[E];
     if (NOISE == FD_NOISE_GIVEN) {
       const auto given = load_item<PACK, E>(static_cast<const S*>(a.noise) + it.idx, it.count);
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
                                                             C(to_math(e.v[j])), w, w2));
       const C std = noisy ? fd_noise_std_mode<C>(learned ? a.variance : FD_VAR_FIXED, k, C(to_math(v.v[j])))
                           : fd_neg_zero<C>();
-      const FdStepOut<C> res = fd_step_element<FD_MAX_HISTORY_READS, true>(
+      const FdStepOut<C> res = fd_step_element<FULL ? FD_MAX_HISTORY_READS : 0, true>(
           k, clip, C(to_math(x.v[j])), m, n[j], std, C(to_math(h[0].v[j])), C(to_math(h[1].v[j])),
           C(to_math(h[2].v[j])), C(to_math(h[3].v[j])));
       out.v[j] = from_math<S>(res.out);
@@ -102,8 +104,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
     }
     store_item<PACK, E>(static_cast<S*>(a.out) + it.idx, it.count, out);
     if (a.x0 != nullptr) store_item<PACK, E>(static_cast<S*>(a.x0) + it.idx, it.count, x0);
-    if (out2_base != nullptr) store_item<PACK, E>(out2_base + it.idx, it.count, out2);
-    if (hist_base != nullptr) store_item<PACK, E>(hist_base + it.idx, it.count, hist);
+    if (FULL && out2_base != nullptr) store_item<PACK, E>(out2_base + it.idx, it.count, out2);
+    if (FULL && hist_base != nullptr) store_item<PACK, E>(hist_base + it.idx, it.count, hist);
   }
 }
 
@@ -122,14 +124,22 @@ bool can_pack(const FdStepArgs& a) {
          item_aligned<S>(a.extra) && item_aligned<S>(a.out) && item_aligned<S>(a.x0) && item_aligned<S>(a.history);
 }
 
-template <typename S, bool PACK>
+template <typename S, bool PACK, bool FULL>
 void launch(const FdStepArgs& a, cudaStream_t stream) {
   const unsigned blocks = blocks_for(a.batch * ((a.numel + item_elems<S>() - 1) / item_elems<S>()));
   switch (a.noise_source) {
-    case FD_NOISE_GIVEN: step_kernel<S, PACK, FD_NOISE_GIVEN><<<blocks, kThreads, 0, stream>>>(a); break;
-    case FD_NOISE_PHILOX: step_kernel<S, PACK, FD_NOISE_PHILOX><<<blocks, kThreads, 0, stream>>>(a); break;
-    default: step_kernel<S, PACK, FD_NOISE_NONE><<<blocks, kThreads, 0, stream>>>(a); break;
+    case FD_NOISE_GIVEN: step_kernel<S, PACK, FD_NOISE_GIVEN, FULL><<<blocks, kThreads, 0, stream>>>(a); break;
+    case FD_NOISE_PHILOX: step_kernel<S, PACK, FD_NOISE_PHILOX, FULL><<<blocks, kThreads, 0, stream>>>(a); break;
+    default: step_kernel<S, PACK, FD_NOISE_NONE, FULL><<<blocks, kThreads, 0, stream>>>(a); break;
   }
+}
+
+template <typename S, bool PACK>
+void launch_history(const FdStepArgs& a, cudaStream_t stream) {
+  if (a.history_reads > 0 || a.write_out2 || a.write_history)
+    launch<S, PACK, true>(a, stream);
+  else
+    launch<S, PACK, false>(a, stream);
 }
 
 }  // namespace
@@ -142,7 +152,7 @@ void fd_launch_step(const FdStepArgs& args, int dtype, void* stream) {
   if (args.batch * args.numel > 0) {
     dispatch_dtype(dtype, [&](auto tag) {
       using S = decltype(tag);
-      can_pack<S>(args) ? launch<S, true>(args, s) : launch<S, false>(args, s);
+      can_pack<S>(args) ? launch_history<S, true>(args, s) : launch_history<S, false>(args, s);
     });
   }
   if (args.advance) advance_kernel<<<1, 1, 0, s>>>(args.index);
