@@ -225,20 +225,26 @@ class BaseSampler(ConfigMixin):
 
     def _host_index_for_timestep(self, timestep) -> int:
         t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
-        matches = np.flatnonzero(self._timesteps_host == t)
-        if len(matches) == 0:
+        index = int(self._schedule_indices(torch.tensor([t]), missing=-1)[0])
+        if index < 0:
             raise ValueError(f"timestep {t!r} is not in the schedule set by set_timesteps")
-        return int(matches[1 if len(matches) > 1 else 0])
+        return index
 
     def _device_index_for_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
         """Index of a device timestep in the device schedule, without a sync (no match: past the end, a NaN row)."""
-        schedule = self.timesteps.to(timestep.device)
-        matches = schedule == timestep.reshape(()).to(schedule.dtype)
-        rank = torch.cumsum(matches.to(torch.int64), 0)
-        wanted = torch.where(rank[-1] > 1, 2, 1)  # the second match when there are several
-        hit = matches & (rank == wanted)
-        index = torch.argmax(hit.to(torch.int64)).reshape(1)
-        return torch.where(hit.any(), index, torch.full_like(index, len(schedule)))
+        return self._schedule_indices(timestep.reshape(1), missing=len(self.timesteps))
+
+    def _schedule_indices(self, timesteps: torch.Tensor, missing: int) -> torch.Tensor:
+        """[N] int64: where each of `timesteps` stands in self.timesteps, as diffusers' index_for_timestep
+        picks it (the second match when a timestep repeats: img2img starting mid-schedule on Karras
+        sigmas), `missing` where it is not there. On the timesteps' device, no sync; a host schedule is
+        used for CPU timesteps."""
+        schedule = torch.from_numpy(self._timesteps_host) if timesteps.is_cpu else self.timesteps
+        schedule = schedule.to(timesteps.device)
+        matches = schedule[None, :] == timesteps.reshape(-1, 1).to(schedule.dtype)
+        rank = torch.cumsum(matches.to(torch.int64), 1)
+        hit = matches & (rank == torch.where(rank[:, -1:] > 1, 2, 1))
+        return torch.where(hit.any(1), hit.to(torch.int64).argmax(1), missing)
 
     def _restart(self) -> None:
         """Rewind to the first step in place (a captured CUDA graph keeps reading the same tensors)."""

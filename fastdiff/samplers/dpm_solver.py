@@ -368,13 +368,12 @@ class MultistepSampler(BaseSampler):
         return S.sigma_to_alpha_sigma_t(sigma, bool(self.config.use_flow_sigmas))
 
     def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
-        """diffusers' index_for_timestep (host values; the second match when a timestep repeats,
-        the last index when there is none)."""
-        schedule = (schedule_timesteps if schedule_timesteps is not None else self.timesteps).cpu()
-        matches = (schedule == (timestep.cpu() if isinstance(timestep, torch.Tensor) else timestep)).nonzero()
-        if len(matches) == 0:
-            return len(self.timesteps) - 1
-        return int(matches[1 if len(matches) > 1 else 0])
+        """diffusers' index_for_timestep (a host value; the second match when a timestep repeats, the last
+        index when there is none)."""
+        if schedule_timesteps is not None:
+            matches = (schedule_timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
+            return int(matches[1 if len(matches) > 1 else 0]) if len(matches) else len(schedule_timesteps) - 1
+        return int(self._schedule_indices(torch.as_tensor(timestep).cpu(), missing=len(self.timesteps) - 1)[0])
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """alpha_t x0 + sigma_t noise at the schedule's sigma of each timestep (diffusers' add_noise: the
@@ -387,13 +386,8 @@ class MultistepSampler(BaseSampler):
         device, dtype = original_samples.device, original_samples.dtype
         sigmas = self.sigmas.to(device=device, dtype=dtype)
         timesteps = torch.as_tensor(timesteps).reshape(-1).to(device)
-        if self._begin_index is None:
-            schedule = self.timesteps.to(device)
-            matches = schedule[None, :] == timesteps[:, None].to(schedule.dtype)
-            rank = torch.cumsum(matches.to(torch.int64), 1)
-            wanted = torch.where(rank[:, -1:] > 1, 2, 1)
-            hit = matches & (rank == wanted)
-            index = torch.where(hit.any(1), hit.to(torch.int64).argmax(1), len(schedule) - 1)
+        if self._begin_index is None:  # diffusers' index_for_timestep: the last index when there is no match
+            index = self._schedule_indices(timesteps, missing=len(self.timesteps) - 1)
         elif self._counter is not None and not self._index_pending and self._active is not None:
             index = self._counter.to(device).expand(timesteps.shape[0])  # after the first step (inpainting)
         else:

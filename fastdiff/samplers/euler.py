@@ -66,17 +66,6 @@ def euler_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing:
     raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
 
 
-def _device_schedule_indices(timesteps: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
-    """Index of each timestep in the schedule, on the device, no sync (diffusers' `index_for_timestep`: the
-    second match when a value repeats); no match: past the end (a forward-noise table's NaN row)."""
-    matches = schedule[None, :] == timesteps[:, None].to(schedule.dtype)
-    rank = torch.cumsum(matches.to(torch.int64), 1)
-    wanted = torch.where(rank[:, -1:] > 1, 2, 1)
-    hit = matches & (rank == wanted)
-    index = torch.argmax(hit.to(torch.int64), 1)
-    return torch.where(hit.any(1), index, torch.full_like(index, len(schedule) + 1))
-
-
 class SigmaSampler(BaseSampler):
     """Shared by the counter-keyed sigma samplers: rows keyed by the device step counter."""
 
@@ -124,7 +113,7 @@ class SigmaSampler(BaseSampler):
         return skip_layer_output, float(skip_layer_guidance_scale)
 
     # ---- forward noising (img2img, inpainting, training) ------------------------------------------
-    def _schedule_indices(self, timesteps, batch: int, device: torch.device, use_begin_index: bool = True):
+    def _noise_indices(self, timesteps, batch: int, device: torch.device, use_begin_index: bool = True):
         """[batch] int64 indices into the schedule, as diffusers' add_noise picks them, without a sync:
         begin_index unset: the index of each timestep (host values checked on the host); else the step
         counter (begin_index before the first step, the step index after)."""
@@ -133,18 +122,12 @@ class SigmaSampler(BaseSampler):
         t = torch.as_tensor(timesteps).reshape(-1)
         if t.numel() not in (1, batch):
             raise ValueError(f"timesteps must have 1 or batch={batch} entries, got {t.numel()}")
-        if t.device.type == "cpu":
-            values = t.to(self.timesteps.dtype).numpy()
-            matches = self._timesteps_host[None, :] == values[:, None]
-            missing = values[~matches.any(1)]
-            if len(missing):
+        index = self._schedule_indices(t, missing=len(self.timesteps) + 1)  # no match: a forward table's NaN row
+        if t.is_cpu:
+            missing = t[index > len(self.timesteps)]
+            if missing.numel():
                 raise ValueError(f"timesteps {missing.tolist()[:5]} are not in the schedule (sampler.timesteps)")
-            rank = np.cumsum(matches, 1)
-            wanted = np.where(rank[:, -1:] > 1, 2, 1)
-            index = torch.from_numpy(np.argmax(matches & (rank == wanted), 1).astype(np.int64)).to(device)
-        else:
-            index = _device_schedule_indices(t.to(device), self.timesteps.to(device))
-        return index.expand(batch)
+        return index.to(device).expand(batch)
 
     def _forward_table(self, device: torch.device, name: str, make) -> torch.Tensor:
         """A q-sample table [len(sigmas) + 1, Q_WIDTH] over the schedule (x_t = a x0 + b n), cached per device."""
@@ -292,7 +275,7 @@ class EulerDiscreteSampler(SigmaSampler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
-        index = self._schedule_indices(timesteps, original_samples.shape[0], original_samples.device)
+        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
         table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
             torch.ones_like(self.sigmas), self.sigmas))
         return self._forward_noise(original_samples, noise, index, table, "original_samples")
@@ -301,7 +284,7 @@ class EulerDiscreteSampler(SigmaSampler):
         """sqrt(abar) n - sqrt(1 - abar) x, as diffusers' EulerDiscreteScheduler computes it: abar is read at the
         timestep's index in the inference schedule (alphas_cumprod[step index], sic)."""
         self._check_timestep(torch.as_tensor(timesteps))
-        index = self._schedule_indices(timesteps, sample.shape[0], sample.device, use_begin_index=False)
+        index = self._noise_indices(timesteps, sample.shape[0], sample.device, use_begin_index=False)
 
         def make():
             abar = self.alphas_cumprod[:len(self.timesteps)].to(torch.float32)

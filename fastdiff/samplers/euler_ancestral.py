@@ -95,7 +95,7 @@ class EulerAncestralDiscreteSampler(SigmaSampler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
-        index = self._schedule_indices(timesteps, original_samples.shape[0], original_samples.device)
+        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
         table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
             torch.ones_like(self.sigmas), self.sigmas))
         return self._forward_noise(original_samples, noise, index, table, "original_samples")

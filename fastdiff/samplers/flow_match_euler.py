@@ -168,7 +168,7 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
     def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The forward process x_sigma = sigma n + (1 - sigma) x (img2img's starting latents), sigma of each
         timestep's schedule index (begin_index / step index when set, as diffusers), one fused pass."""
-        index = self._schedule_indices(timestep, sample.shape[0], sample.device)
+        index = self._noise_indices(timestep, sample.shape[0], sample.device)
         table = self._forward_table(sample.device, "scale_noise", lambda: _q_rows(1.0 - self.sigmas, self.sigmas))
         return self._forward_noise(sample, noise, index, table, "sample")
 
