@@ -31,7 +31,7 @@ def vp_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
 
     diffusers: `np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)` (Euler, DPM-Solver, UniPC).
     """
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy().copy()  # the same values, no numpy 2 warning
 
 
 def _range(in_sigmas, sigma_min: Optional[float], sigma_max: Optional[float]) -> tuple[float, float]:
