@@ -19,7 +19,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastdiff_C, m) {
   m.def("step(Tensor model_output, Tensor sample, Tensor table, Tensor(a!) index, Tensor(b!) history, "
-        "Tensor(c!) out, Tensor(d!)? x0_out, Tensor? noise, int? seed, int sample_offset, float? guidance_scale, "
+        "Tensor(c!) out, Tensor(d!)? x0_out, Tensor? noise, Tensor? seed, int sample_offset, float? guidance_scale, "
         "Tensor? guidance_extra, float extra_scale, int variance, float? clip_range, Tensor? threshold, "
         "int history_reads, bool write_history, bool write_out2, bool advance) -> ()");
   m.def("q_sample(Tensor x0, Tensor table, Tensor index, Tensor? noise, int seed, int sample_offset, "

@@ -40,7 +40,7 @@ struct CfgPlan : OutputPlan {
 // out, x0_out (optional) and the history slots the row names (when written).
 StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tensor& table, const Tensor& index,
                    const Tensor& history, const Tensor& out, const c10::optional<Tensor>& x0_out,
-                   const c10::optional<Tensor>& noise, c10::optional<int64_t> seed, int64_t sample_offset,
+                   const c10::optional<Tensor>& noise, const c10::optional<Tensor>& seed, int64_t sample_offset,
                    c10::optional<double> guidance_scale, const c10::optional<Tensor>& guidance_extra,
                    double extra_scale, int64_t variance, c10::optional<double> clip_range,
                    const c10::optional<Tensor>& threshold, int64_t history_reads, bool write_history,

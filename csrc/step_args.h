@@ -37,7 +37,7 @@ struct FdStepArgs {
   int history_reads;        // 0..FD_MAX_HISTORY_READS
   int write_out2, write_history, advance;
   double clip_range, guidance_scale, extra_scale;
-  uint64_t seed;
+  const int64_t* seed;      // [1] the Philox key, on the tensors' device (read when the step draws noise)
   int64_t sample_offset;
 };
 

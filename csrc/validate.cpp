@@ -141,7 +141,7 @@ void check_model_output(const char* op, const Tensor& model, const Tensor& sampl
 
 StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tensor& table, const Tensor& index,
                    const Tensor& history, const Tensor& out, const c10::optional<Tensor>& x0_out,
-                   const c10::optional<Tensor>& noise, c10::optional<int64_t> seed, int64_t sample_offset,
+                   const c10::optional<Tensor>& noise, const c10::optional<Tensor>& seed, int64_t sample_offset,
                    c10::optional<double> guidance_scale, const c10::optional<Tensor>& guidance_extra,
                    double extra_scale, int64_t variance, c10::optional<double> clip_range,
                    const c10::optional<Tensor>& threshold, int64_t history_reads, bool write_history,
@@ -154,7 +154,12 @@ StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tenso
               "fastdiff_C::step: variance must be 0 (fixed), 1 (sqrt) or 2 (exp), got ", variance);
   TORCH_CHECK(history_reads >= 0 && history_reads <= FD_MAX_HISTORY_READS, "fastdiff_C::step: history_reads must be in [0, ",
               FD_MAX_HISTORY_READS, "], got ", history_reads);
-  check_seed(op, seed.value_or(0), sample_offset);
+  check_seed(op, 0, sample_offset);
+  if (seed.has_value()) {
+    check_device(op, "seed", *seed, sample);
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, "fastdiff_C::step: seed must be an int64 "
+                "tensor of one element (the Philox key), got ", seed->scalar_type(), " of shape ", shape_str(*seed));
+  }
   const bool cfg = guidance_scale.has_value();
   bool variance_channels = false;
   // A learned variance mode needs the variance channels when the step has noise (the reference
@@ -254,7 +259,11 @@ StepPlan plan_step(const Tensor& model_output, const Tensor& sample, const Tenso
   a.write_out2 = write_out2;
   a.write_history = write_history;
   a.advance = advance;
-  a.seed = uint64_t(seed.value_or(0));
+  a.seed = nullptr;
+  if (seed.has_value() && noise_t == nullptr) {
+    p.keep.push_back(seed->contiguous());
+    a.seed = p.keep.back().const_data_ptr<int64_t>();
+  }
   a.sample_offset = sample_offset;
   a.history = nullptr;
   a.slots = 0;

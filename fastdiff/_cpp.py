@@ -46,13 +46,12 @@ if _LOAD_ERROR is None:
 
 
 def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor, out: Tensor,
-         x0_out: Optional[Tensor], noise: Optional[Tensor], seed: Optional[int], sample_offset: int,
+         x0_out: Optional[Tensor], noise: Optional[Tensor], seed: Optional[int | Tensor], sample_offset: int,
          guidance_scale: Optional[float], guidance_extra: Optional[Tensor], extra_scale: float, variance: int,
          clip_range: Optional[float], threshold: Optional[Tensor], history_reads: int, write_history: bool,
          write_out2: bool, advance: bool) -> None:
     """The generic step (fastdiff.eager.step semantics), writing `out`, `x0_out` and the history slots."""
-    if seed is not None and noise is None:
-        N.check_seed(seed)
+    seed = N.seed_tensor(seed, sample.device) if seed is not None and noise is None else None
     _step_op(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset, guidance_scale,
              guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2,
              advance)

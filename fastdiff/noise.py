@@ -50,9 +50,11 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counters: Sequence[torch.Tensor], seed: int, rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values."""
+def philox4x32(counters: Sequence[torch.Tensor], seed, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 (Salmon et al. 2011) on int64 tensors holding uint32 values; `seed` an int or an int64 tensor."""
     c0, c1, c2, c3 = (c.to(torch.int64) & MASK32 for c in counters)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())  # a device seed broadcasts over the counters
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
         hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
@@ -77,15 +79,44 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def check_seed(seed: int) -> int:
+def check_seed(seed):
+    """An int seed in [0, 2**63), or a device seed (an int64 tensor of one element, read by the kernels at
+    run time, so a captured CUDA graph serves every seed; its value is not checked: no sync)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a seed tensor must be int64 with one element, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)}")
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        raise ValueError(f"seed must be an int in [0, 2**63) or an int64 tensor, got {seed!r}")
     return seed
+
+
+_SEED_TENSORS: dict = {}  # (seed, device) -> its int64 [1] tensor (a few; ints repeat across steps)
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The Philox key as the step kernels read it: an int64 [1] tensor on `device` (an int seed is made
+    one, cached; a tensor must already be there)."""
+    device = torch.device(device)
+    if isinstance(check_seed(seed), torch.Tensor):
+        if seed.device != device and not (seed.device.type == device.type == "cpu"):
+            raise ValueError(f"the seed tensor is on {seed.device} but the sample is on {device}")
+        return seed.reshape(1)
+    if torch.compiler.is_compiling():
+        return torch.full((1,), seed, dtype=torch.int64, device=device)  # traced: a constant
+    key = (seed, device)
+    tensor = _SEED_TENSORS.get(key)
+    if tensor is None:
+        if len(_SEED_TENSORS) >= 64:
+            _SEED_TENSORS.clear()
+        tensor = _SEED_TENSORS[key] = torch.full((1,), seed, dtype=torch.int64, device=device)
+    return tensor
 
 
 def randn(
     shape: Sequence[int],
-    seed: int,
+    seed: int | torch.Tensor,
     *,
     counter: int = 0,
     stream: int = STREAM_STEP,

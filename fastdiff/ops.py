@@ -23,9 +23,10 @@ Semantics (the reference, fastdiff/eager.py, is the ground truth):
   op leaves that to `run_step`).
 - `model_output` is [B or 2B (guidance: [uncond; cond]), C or 2C ([prediction; variance]), ...]
   for a sample [B, C, ...]; `guidance_extra` (SD3 skip-layer) is a [B, ...] prediction.
-- Noise: `noise` as given; else, with `seed`, Philox normals (fastdiff.noise) with counter
-  row[NOISE_COUNTER], global sample index `sample_offset` + b, stream STREAM_STEP; with neither,
-  the step has no noise terms.
+- Noise: `noise` as given; else, with `seed` (an int64 [1] tensor on the sample's device, read by
+  the kernel at run time: a captured graph serves every seed; backends also take an int), Philox
+  normals (fastdiff.noise) with counter row[NOISE_COUNTER], global sample index `sample_offset` +
+  b, stream STREAM_STEP; with neither, the step has no noise terms.
 - `history` [S, *sample.shape]: the row's READ_SLOT[:history_reads] are read; `hist` and `out2`
   are written into the slots the row names when `write_history` / `write_out2`. An empty tensor
   when the sampler keeps no history.
@@ -40,6 +41,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from . import noise as N
 
 Tensor = torch.Tensor
 
@@ -50,7 +52,7 @@ def _like(x: Tensor, wanted: bool = True) -> Tensor:
 
 @torch.library.custom_op("fastdiff::step", mutates_args=("history",))
 def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor,
-         noise: Optional[Tensor], seed: Optional[int], sample_offset: int, guidance_scale: Optional[float],
+         noise: Optional[Tensor], seed: Optional[Tensor], sample_offset: int, guidance_scale: Optional[float],
          guidance_extra: Optional[Tensor], extra_scale: float, variance: int, clip_range: Optional[float],
          threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool,
          write_x0: bool) -> tuple[Tensor, Tensor]:
@@ -106,11 +108,13 @@ def _traced(x: Tensor) -> bool:
 
 
 def run_step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor,
-             noise: Optional[Tensor], seed: Optional[int], sample_offset: int, guidance_scale: Optional[float],
+             noise: Optional[Tensor], seed: Optional[int | Tensor], sample_offset: int, guidance_scale: Optional[float],
              guidance_extra: Optional[Tensor], extra_scale: float, variance: int, clip_range: Optional[float],
              threshold: Optional[Tensor], history_reads: int, write_history: bool, write_out2: bool, advance: bool,
              write_x0: bool, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """`step` without the dispatcher: the backend's function on (optionally) the caller's `out` buffer."""
+    """`step` without the dispatcher: the backend's function on (optionally) the caller's `out` buffer.
+    An int seed becomes the int64 [1] device tensor the kernels read (cached)."""
+    seed = N.seed_tensor(seed, sample.device) if seed is not None and noise is None else None
     if _traced(sample):
         prev, x0 = step(model_output, sample, table, index, history, noise, seed, sample_offset, guidance_scale,
                         guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history,

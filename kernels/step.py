@@ -78,11 +78,11 @@ def _slot(row, column, num_slots):
 # Not specialised: per-call values (one compiled kernel for every seed, offset, table and history
 # size) and the pointers read once per program (the row, the index: a view of a device arange whose
 # alignment changes with the step; the threshold), which gain nothing from alignment.
-@triton.jit(do_not_specialize=["num_rows", "num_slots", "sample_offset", "seed", "b0"],
-            do_not_specialize_on_alignment=["table_ptr", "index_ptr", "thr_ptr"])
+@triton.jit(do_not_specialize=["num_rows", "num_slots", "sample_offset", "b0"],
+            do_not_specialize_on_alignment=["table_ptr", "index_ptr", "thr_ptr", "seed_ptr"])
 def _step_kernel(mo_ptr, x_ptr, table_ptr, index_ptr, hist_ptr, out_ptr, x0_ptr, noise_ptr, thr_ptr, extra_ptr,
-                 per_sample, mo_stride, cond_base: tl.int64, extra_stride, slot_stride: tl.int64, num_rows,
-                 num_slots, sample_offset: tl.int64, seed: tl.int64, guidance_scale, extra_scale, clip_range, b0,
+                 seed_ptr, per_sample, mo_stride, cond_base: tl.int64, extra_stride, slot_stride: tl.int64, num_rows,
+                 num_slots, sample_offset: tl.int64, guidance_scale, extra_scale, clip_range, b0,
                  CFG: tl.constexpr, VAR_MODE: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,
                  HISTORY_READS: tl.constexpr, WRITE_HISTORY: tl.constexpr, WRITE_OUT2: tl.constexpr,
                  WRITE_X0: tl.constexpr, BLOCK: tl.constexpr):
@@ -109,6 +109,7 @@ def _step_kernel(mo_ptr, x_ptr, table_ptr, index_ptr, hist_ptr, out_ptr, x0_ptr,
         if NOISE == _NOISE_GIVEN:
             n = tl.load(noise_ptr + off, mask=mask, other=0.0).to(tl.float32)
         else:
+            seed = tl.load(seed_ptr)  # the Philox key, read at run time (a captured graph serves every seed)
             counter = nan_to_zero(tl.load(row + COL_NOISE_COUNTER)).to(tl.int64)  # exact below 2^24
             sample = sample_offset.to(tl.int64) + b  # the global sample index
             if VAR_MODE == VAR_FIXED:
@@ -212,7 +213,7 @@ def _check_extra(guidance_extra: Tensor, sample: Tensor) -> tuple[Tensor, int]:
 
 
 def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, history: Tensor, out: Tensor,
-         x0_out: Optional[Tensor], noise: Optional[Tensor], seed: Optional[int], sample_offset: int,
+         x0_out: Optional[Tensor], noise: Optional[Tensor], seed: Optional[int | Tensor], sample_offset: int,
          guidance_scale: Optional[float], guidance_extra: Optional[Tensor], extra_scale: float, variance: int,
          clip_range: Optional[float], threshold: Optional[Tensor], history_reads: int, write_history: bool,
          write_out2: bool, advance: bool) -> None:
@@ -241,11 +242,11 @@ def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, his
     if noise is not None:
         C.check_tensor("noise", noise, dev)
         C.check_shape("noise", noise, sample.shape, " (the sample's shape)")
-        noise_mode, seed = NOISE_GIVEN, 0
+        noise_mode, seed = NOISE_GIVEN, None
     elif seed is not None:
-        noise_mode, seed = NOISE_PHILOX, N.check_seed(seed)
+        noise_mode, seed = NOISE_PHILOX, N.seed_tensor(seed, dev)
     else:
-        noise_mode, seed = NOISE_NONE, 0
+        noise_mode, seed = NOISE_NONE, None
     if variance != T.VAR_FIXED and noise_mode != NOISE_NONE and not has_variance:
         raise ValueError(f"variance={variance} (a learned variance mode) needs model_output with 2x the sample's "
                          f"channels ([prediction; variance]); model_output has shape {tuple(model_output.shape)} "
@@ -276,9 +277,9 @@ def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, his
     C.launch_per_sample(
         _step_kernel, sample.shape[0], per_sample, dev,
         model_output.contiguous(), sample.contiguous(), table, index, history, out_buf, x0_buf,
-        noise.contiguous() if noise is not None else None, threshold, extra,
+        noise.contiguous() if noise is not None else None, threshold, extra, seed,
         per_sample, mo_stride, cond_base, extra_stride, sample.numel(), table.shape[0], num_slots,
-        sample_offset, seed, float(guidance_scale or 0.0), extra_scale, float(clip_range or 0.0),
+        sample_offset, float(guidance_scale or 0.0), extra_scale, float(clip_range or 0.0),
         CFG=guidance_mode, VAR_MODE=int(variance) if noise_mode != NOISE_NONE else T.VAR_FIXED, NOISE=noise_mode,
         CLIP=clip_mode, HISTORY_READS=history_reads, WRITE_HISTORY=write_history, WRITE_OUT2=write_out2,
         WRITE_X0=x0_out is not None)

@@ -568,9 +568,15 @@ def test_history_may_be_empty_when_unused():
     assert_matches(call(C, case), case)
 
 
+def _seed(case):
+    """The raw op's Philox key: an int64 [1] tensor on the sample's device (None when the noise is given)."""
+    seed = case["seed"]
+    return None if seed is None or case["noise"] is not None else N.seed_tensor(seed, case["sample"].device)
+
+
 def _step_args(case, out, x0):
     return (case["model_output"], case["sample"], case["table"], case["index"].clone(), case["history"].clone(), out,
-            x0, case["noise"], case["seed"], case["sample_offset"], case["guidance_scale"], case["guidance_extra"],
+            x0, case["noise"], _seed(case), case["sample_offset"], case["guidance_scale"], case["guidance_extra"],
             case["extra_scale"], case["variance"], case["clip_range"], case["threshold"], case["history_reads"],
             case["write_history"], case["write_out2"], case["advance"])
 
@@ -601,7 +607,7 @@ def _fastdiff_op_cases():
     index = index.clamp(min=0)  # no NaN row: opcheck compares outputs with ==
     return [
         ("step", (full["model_output"], full["sample"], full["table"], full["index"], full["history"], None,
-                  full["seed"], 3, full["guidance_scale"], None, 0.0, full["variance"], full["clip_range"], None, 2,
+                  _seed(full), 3, full["guidance_scale"], None, 0.0, full["variance"], full["clip_range"], None, 2,
                   True, True, True)),
         ("q_sample", (x0, table, index, None, 5, 0, True, True)),
         ("cfg_combine", (full["sample"], full["sample"] * 2, 4.0)),

@@ -53,7 +53,11 @@ def backend(request, monkeypatch):
 
 
 def op_args(args: dict) -> tuple:
-    """The registered op's arguments (it never advances the index: run_step does)."""
+    """The registered op's arguments: it never advances the index (run_step does) and takes the seed as
+    the int64 [1] tensor the kernels read (run_step makes it from an int)."""
+    args = dict(args)
+    if args["seed"] is not None:
+        args["seed"] = None if args["noise"] is not None else fastdiff.noise.seed_tensor(args["seed"], "cpu")
     return tuple(v for k, v in args.items() if k != "advance")
 
 

@@ -205,13 +205,10 @@ def test_step_history_slots_from_the_row_are_clamped():
     assert not torch.equal(got["history"][2], inputs["history"][2])
 
 
-def test_step_hist_and_out2_into_one_slot():
-    """A row naming one slot for both writes leaves hist there (the reference writes out2 first)."""
-    inputs = step_inputs((2, 2, 3, 5))
-    args = step_args(inputs, synthetic_table(hist_slot=4, out2_slot=4), history_reads=2, write_history=True,
-                     write_out2=True)
-    got = assert_same_step(args)
-    assert torch.equal(got["history"][5], inputs["history"][5])
+def test_step_hist_and_out2_into_one_slot_is_refused():
+    """Tables never name one slot for both writes (which would make the kernels' write order matter)."""
+    with pytest.raises(ValueError, match="writes hist and out2 into the same history slot 4"):
+        synthetic_table(hist_slot=4, out2_slot=4)
 
 
 @pytest.mark.parametrize("index", [-1, 3, 4, 2**40], ids=["negative", "sentinel", "past-end", "huge"])
@@ -633,7 +630,7 @@ def test_opcheck_every_op(triton_backend):
     index = torch.tensor([1], device=DEV)
     thr = torch.tensor([1.5, 2.0], device=DEV)
     cases = [
-        (ops.step, (inputs["model_output"], x, table, index, inputs["history"], None, SEED, 0, 3.0,
+        (ops.step, (inputs["model_output"], x, table, index, inputs["history"], None, N.seed_tensor(SEED, DEV), 0, 3.0,
                     inputs["guidance_extra"], 0.5, T.VAR_EXP, None, thr, 4, True, True, True)),
         (ops.step, (inputs["model_output"][:2, :2], x, table, index, torch.empty(0, device=DEV), n, None, 0, None,
                     None, 0.0, T.VAR_FIXED, 1.0, None, 0, False, False, False)),

@@ -92,6 +92,7 @@ void step_run(const FdStepArgs& a, const float* row, uint32_t counter) {
   const S* sample = static_cast<const S*>(a.sample);
   const S* model = static_cast<const S*>(a.model);
   S* history = static_cast<S*>(a.history);
+  const uint64_t seed = a.seed != nullptr ? uint64_t(*a.seed) : 0;  // a CPU tensor: read on the host
   for_each_range(a.batch, a.numel, [&](int64_t b, int64_t i0, int64_t i1) {
     alignas(64) C std_buf[kChunk];
     alignas(64) S scratch[3][kChunk];  // x0, out2, hist when not written
@@ -104,7 +105,7 @@ void step_run(const FdStepArgs& a, const float* row, uint32_t counter) {
     const S* cond = uncond + a.cond_offset;
     const uint32_t sample_index = uint32_t(uint64_t(a.sample_offset + b));
     for_each_noise_chunk<N == FD_NOISE_PHILOX>(
-        a.seed, sample_index, counter, FD_STREAM_STEP, i0, i1, [&](int64_t i, int64_t len, const float* normals) {
+        seed, sample_index, counter, FD_STREAM_STEP, i0, i1, [&](int64_t i, int64_t len, const float* normals) {
           Chunk<S> p;
           p.x = sample + base + i;
           p.u = uncond + i;
@@ -161,7 +162,7 @@ void step_dispatch(const FdStepArgs& a, const float* row) {
 void step_cpu(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& table,
               const at::Tensor& index, const at::Tensor& history, const at::Tensor& out,
               const c10::optional<at::Tensor>& x0_out, const c10::optional<at::Tensor>& noise,
-              c10::optional<int64_t> seed, int64_t sample_offset, c10::optional<double> guidance_scale,
+              const c10::optional<at::Tensor>& seed, int64_t sample_offset, c10::optional<double> guidance_scale,
               const c10::optional<at::Tensor>& guidance_extra, double extra_scale, int64_t variance,
               c10::optional<double> clip_range, const c10::optional<at::Tensor>& threshold, int64_t history_reads,
               bool write_history, bool write_out2, bool advance) {

@@ -24,7 +24,7 @@ void check_launch(const char* op) {
 
 void step(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& table, const at::Tensor& index,
           const at::Tensor& history, const at::Tensor& out, const c10::optional<at::Tensor>& x0_out,
-          const c10::optional<at::Tensor>& noise, c10::optional<int64_t> seed, int64_t sample_offset,
+          const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& seed, int64_t sample_offset,
           c10::optional<double> guidance_scale, const c10::optional<at::Tensor>& guidance_extra, double extra_scale,
           int64_t variance, c10::optional<double> clip_range, const c10::optional<at::Tensor>& threshold,
           int64_t history_reads, bool write_history, bool write_out2, bool advance) {

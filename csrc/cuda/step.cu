@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
   if (!noisy) k.pre_noise = fd_neg_zero<C>();  // n = +0 below: x + (-0) n == x exactly
   const bool learned = noisy && a.variance != FD_VAR_FIXED;
   const uint32_t counter = fd_row_counter(row[FD_NOISE_COUNTER]);
+  const uint64_t seed = NOISE == FD_NOISE_PHILOX ? uint64_t(*a.seed) : 0;  // read at run time (graph replays)
   const int64_t slot_stride = a.batch * a.numel;
   const S* read_base[FD_MAX_HISTORY_READS];
 #pragma unroll
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(FdStepArgs a) {
       if (NOISE == FD_NOISE_PHILOX && noisy) {
         const uint32_t sample = uint32_t(uint64_t(a.sample_offset + it.b));
 #pragma unroll
-        for (int q = 0; q < Q; ++q) fd_randn4(a.seed, uint32_t(it.i / 4 + q), sample, counter, FD_STREAM_STEP, z + 4 * q);
+        for (int q = 0; q < Q; ++q) fd_randn4(seed, uint32_t(it.i / 4 + q), sample, counter, FD_STREAM_STEP, z + 4 * q);
       }
 #pragma unroll
       for (int j = 0; j < E; ++j) n[j] = C(z[j]);
