@@ -24,7 +24,6 @@ import torch
 from benchmarks import cases
 from benchmarks import timing as TM
 from benchmarks.measure import cpu_name
-from fastdiff import backends  # noqa: F401  (save_results reports the backend table)
 
 RESULTS: list[dict] = []  # filled by the suites, written by conftest.pytest_sessionfinish
 SKIPPED: dict[str, str] = {}  # "provider" or "provider/op/dtype" -> why it was not measured
@@ -45,8 +44,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(fn: Callable, min_calls: int = 3, min_seconds: float = 0.2, max_calls: int = 200) -> None:
+    """Call `fn` until both `min_calls` calls and `min_seconds` have passed (lazy init, allocator, and the
+    first slow calls of freshly compiled code, which on a 2-core machine can take 100x a warm call)."""
+    start, calls = time.perf_counter(), 0
+    while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < max_calls):
+        fn()
+        calls += 1
+
+
 def seconds_per_call(fn: Callable, repeats: int = 3) -> float:
-    fn()  # warm-up (allocator, lazy init)
+    warm_up(fn)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()

@@ -27,6 +27,7 @@ def pytest_addoption(parser):
                          f"backend with --quick)")
     group.addoption("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     group.addoption("--no-save", action="store_true", help="do not write benchmarks/results/")
+    group.addoption("--tag", default="", help="suffix of the results files (several sessions on one day)")
 
 
 def pytest_configure(config):
@@ -78,6 +79,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", selected_dtypes(config))
 
 
+QUICK_COMPILE_OP = "step/cfg+ddpm"  # --quick checks and times torch.compile on this op only
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip cases a provider cannot run here, with the reason (no GPU, backend not built or not yet on
     the engine signature, diffusers missing, ...); the reasons go into the results file too."""
@@ -91,6 +95,10 @@ def pytest_collection_modifyitems(config, items):
             continue
         spec = cases.SPECS.get(params.get("op"))
         reason = cases.skip_reason(provider, device, spec, params.get("dtype", "fp32"))
+        if not reason and provider == "compile" and spec is not None and config.getoption("--quick") \
+                and spec.name != QUICK_COMPILE_OP:
+            reason = (f"--quick: torch.compile is checked and timed on {QUICK_COMPILE_OP} only (a compile costs "
+                      "5-70 s on 2 CPU cores)")
         if reason:
             key = provider if spec is None else f"{provider} {spec.name} {params.get('dtype', 'fp32')}"
             common.SKIPPED[key] = reason
@@ -120,7 +128,8 @@ def pytest_sessionfinish(session, exitstatus):
     from benchmarks import save_results
 
     quick = session.config.getoption("--quick")
-    json_path, md_path = save_results.save(common.RESULTS, quick=quick, skipped=dict(common.SKIPPED))
+    json_path, md_path = save_results.save(common.RESULTS, quick=quick, skipped=dict(common.SKIPPED),
+                                           tag=session.config.getoption("--tag"))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"fastdiff benchmark results: {json_path} and {md_path}")

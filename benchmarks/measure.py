@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +26,8 @@ class DeviceInfo:
     copy_gbps: float
     new_event: Callable[[], TM.Event]
     synchronize: Callable[[], None]
+    # (calls, count, device) -> replay: a CUDA graph of `count` rotated calls (a stub in CPU tests)
+    capture: Callable = field(default=TM.capture_cuda_graph)
 
     @property
     def is_cuda(self) -> bool:
@@ -55,7 +57,12 @@ def device_info(device: str, copy_bytes: Optional[int] = None) -> DeviceInfo:
 
 
 def _estimate(call: Callable, sync: Callable[[], None]) -> float:
-    """A rough per-call time (host clock around 3 calls and a sync) used only to size the windows."""
+    """A rough per-call time (host clock around 3 calls and a sync) used only to size the windows, after a
+    warm-up of >= 3 calls and >= 50 ms (freshly compiled code is slow on its first calls)."""
+    start, calls = time.perf_counter(), 0
+    while calls < 3 or (time.perf_counter() - start < 0.05 and calls < 100):
+        call()
+        calls += 1
     sync()
     start = time.perf_counter()
     for _ in range(3):
@@ -85,13 +92,15 @@ def measure(case: C.OpCase, provider: str, info: DeviceInfo, *, quick: bool = Fa
                                      synchronize=info.synchronize)
         kernel, graph_note = None, "CUDA graphs need a GPU" if not info.is_cuda else ""
         if info.is_cuda and graphs:
-            in_graph = max(20, min(len(calls), 1000))
+            # every rotated set at least once (up to 1000 calls), else 20 calls, fewer for huge sets: a
+            # graph keeps its calls' temporaries (the eager reference's) alive in its pool
+            in_graph = max(min(len(calls), 1000), min(20, max(4, (2 << 30) // max(case.bytes_per_set, 1))))
             try:
-                kernel = TM.time_graph(lambda: TM.capture_cuda_graph(calls, in_graph, info.device), in_graph,
+                kernel = TM.time_graph(lambda: info.capture(calls, in_graph, info.device), in_graph,
                                        repeats=repeats, new_event=info.new_event, synchronize=info.synchronize)
             except Exception as error:  # noqa: BLE001 - reported in the results, never silent
                 graph_note = f"graph capture failed: {type(error).__name__}: {str(error)[:200]}"
-                torch.cuda.synchronize()
+                info.synchronize()
         elif info.is_cuda:
             graph_note = "graphs off (--no-graphs)"
     del input_sets, calls

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cases  # noqa: E402
-from benchmarks.save_results import OP_ORDER, latest  # noqa: E402
+from benchmarks.save_results import OP_ORDER, _short_commit, latest  # noqa: E402
 
 STYLE = {"eager": ("tab:gray", "o"), "diffusers": ("tab:orange", "s"), "compile": ("tab:purple", "^"),
          "reference": ("tab:brown", "x"),
@@ -76,7 +76,7 @@ def plot(data: dict, out: pathlib.Path) -> pathlib.Path:
     fig.legend(seen.values(), seen.keys(), loc="lower right", fontsize=8, ncol=2,
                bbox_to_anchor=(0.98, 0.04) if len(ops) % cols else (0.98, -0.08))
     fig.suptitle(f"fastdiff ops: achieved vs copy bandwidth — {meta['device_name']}\n"
-                 f"{meta['date'][:10]}, commit {meta['git_commit'][:10]}, torch {meta['torch']}", fontsize=10)
+                 f"{meta['date'][:10]}, commit {_short_commit(meta['git_commit'])}, torch {meta['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)

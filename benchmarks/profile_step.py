@@ -66,7 +66,7 @@ def loop_workload(sampler_kind: str, impl: str, model_name: str, steps: int, dev
     """A whole loop: fastdiff.sample() (optionally graphed) or the hand-written diffusers loop."""
     from benchmarks.test_e2e import hand_loop, schedulers
     model, shape = make_model(model_name, device)
-    scheduler, sampler = schedulers(sampler_kind)
+    scheduler, sampler = schedulers(sampler_kind)  # scheduler: None without diffusers
     if impl == "fastdiff":
         from fastdiff import sample
         return lambda: sample(model, sampler, shape, num_inference_steps=steps, seed=cases.SEED, device=device,

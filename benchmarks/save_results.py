@@ -88,7 +88,8 @@ def slug(text: str) -> str:
 
 
 def stem_for(meta: dict) -> str:
-    return f"{meta['device']}-{slug(meta['device_name'])}-{meta['date'][:10]}" + ("-quick" if meta["quick"] else "")
+    tag = f"-{slug(meta['tag'])}" if meta.get("tag") else ""
+    return f"{meta['device']}-{slug(meta['device_name'])}-{meta['date'][:10]}{tag}" + ("-quick" if meta["quick"] else "")
 
 
 def save(results: list[dict], quick: bool, skipped: Optional[dict] = None, out_dirs=(RESULTS_DIR,),
@@ -206,12 +207,12 @@ def _host_step_table(rows: list[dict]) -> list[str]:
 def _e2e_table(rows: list[dict]) -> list[str]:
     from benchmarks.test_e2e import TARGETS
     lines = ["#### end-to-end sampling loops", "",
-             "| sampler | model | loop | time | vs diffusers | target | model only | sampler share | host / step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| sampler | model | loop | time | vs diffusers | target | model only | sampler share | host / step "
+             "| checked |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["sampler"]): r["median_s"] for r in rows if r["provider"] == "diffusers"}
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['sampler']} | {r['model']} | {r['provider']} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['sampler']} | {r['model']} | {r['provider']} | failed: {r['error'][:120]} | | | | | | |")
             continue
         ref = base.get((r["model"], r["sampler"]))
         ratio = f"{ref / r['median_s']:.2f}x" if ref else "-"
@@ -220,7 +221,10 @@ def _e2e_table(rows: list[dict]) -> list[str]:
             f">= {target}x: {'met' if ref / r['median_s'] >= target else 'not met'}"
         lines.append(f"| {r['sampler']} | {r['model']} | {r['provider']} | {fmt_time(r['median_s'])} | {ratio} | "
                      f"{target_cell} | {fmt_time(r['model_only_s'])} | {100 * r['sampler_share']:.0f}% | "
-                     f"{fmt_time(r.get('host_per_step_s'))} |")
+                     f"{fmt_time(r.get('host_per_step_s'))} | {r.get('checked', '-')} |")
+    if rows and rows[0].get("threads"):
+        lines += ["", f"torch threads: {rows[0]['threads']}; times are medians of alternating rounds (every loop "
+                      "of a setup, and its model-only loop, once per round)."]
     return lines + [""]
 
 
@@ -300,11 +304,20 @@ def _backend_order_lines(order: dict) -> list[str]:
 
 
 # ---- the whole document ------------------------------------------------------------------------
+def _short_commit(commit: Optional[str]) -> str:
+    """A hash shortened to 12 (with -dirty kept); anything else (a placeholder) as it is."""
+    commit = commit or "unknown"
+    head, _, dirty = commit.partition("-")
+    if re.fullmatch(r"[0-9a-f]{13,40}", head):
+        return head[:12] + ("-" + dirty if dirty else "")
+    return commit
+
+
 def markdown(data: dict) -> str:
     meta, results = data["meta"], data["results"]
     copy = f"{meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else "not measured"
     lines = [f"Device: **{meta['device_name']}** · copy bandwidth {copy} (copy_, read + write) · {meta['date']} · "
-             f"commit `{(meta.get('git_commit') or 'unknown')[:12]}` · torch {meta['torch']} (CUDA {meta.get('cuda')}) · "
+             f"commit `{_short_commit(meta.get('git_commit'))}` · torch {meta['torch']} (CUDA {meta.get('cuda')}) · "
              f"triton {meta['triton']} · diffusers {meta['diffusers']} · Python {meta.get('python')} · "
              f"1-min load {meta.get('load_average_1min', 0):.1f} on {meta.get('cpu_count')} CPUs"
              + (" · **--quick**" if meta["quick"] else ""), ""]

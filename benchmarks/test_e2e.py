@@ -18,6 +18,7 @@ DDPM 2-D MLP and >= 1.15x for the 50-step DDIM UNet. Measurements, never timed a
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -34,14 +35,15 @@ GRAPH_MODE = {"fastdiff-graph": True, "fastdiff-graph-loop": "loop"}
 
 
 def schedulers(kind: str):
-    """(diffusers scheduler, fastdiff sampler) with the same config."""
-    import diffusers
-
+    """(diffusers scheduler or None when diffusers is not installed, fastdiff sampler) with the same config."""
     import fastdiff
-    cls = diffusers.DDIMScheduler if kind == "ddim" else diffusers.DDPMScheduler
-    scheduler = cls()
-    sampler = (fastdiff.DDIMSampler if kind == "ddim" else fastdiff.DDPMSampler).from_config(scheduler.config)
-    return scheduler, sampler
+    ours = fastdiff.DDIMSampler if kind == "ddim" else fastdiff.DDPMSampler
+    try:
+        import diffusers
+    except ImportError:
+        return None, ours()  # the same defaults as diffusers' scheduler
+    scheduler = (diffusers.DDIMScheduler if kind == "ddim" else diffusers.DDPMScheduler)()
+    return scheduler, ours.from_config(scheduler.config)
 
 
 def hand_loop(model, scheduler, x, steps: int, device: str, **step_kwargs) -> torch.Tensor:
@@ -63,7 +65,9 @@ def model_only_loop(model, scheduler, x, steps: int, device: str) -> torch.Tenso
 def loop_reason(loop: str, device: str) -> str | None:
     if loop in GRAPH_MODE and not device.startswith("cuda"):
         return "CUDA graphs need a GPU"
-    return cases.skip_reason("diffusers", "cpu")  # every loop is checked against (and built from) diffusers
+    if loop == "diffusers":
+        return cases.skip_reason("diffusers", "cpu")
+    return None
 
 
 def make_run(loop: str, model, kind: str, shape, steps: int, device: str, generator=None):
@@ -95,92 +99,120 @@ def make_run(loop: str, model, kind: str, shape, steps: int, device: str, genera
     return run
 
 
-def check_loop(loop: str, model, kind: str, shape, steps: int, device: str) -> None:
+def check_loop(loop: str, model, kind: str, shape, steps: int, device: str) -> str:
     """A fastdiff loop with the same generator gives the diffusers result; a CUDA-graph loop (which
-    needs seed=) gives the eager fastdiff loop's result for the same seed, bit for bit."""
+    needs seed=) gives the eager fastdiff loop's result for the same seed, bit for bit. Returns what
+    was checked."""
     if loop == "diffusers":
-        return
+        return "the baseline"
     if loop in GRAPH_MODE:
         expected = make_run("fastdiff-loop", model, kind, shape, steps, device)()
         actual = make_run(loop, model, kind, shape, steps, device)()
         torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=lambda m: f"{loop}: {m}")
-        return
+        return "bit for bit vs the eager fastdiff loop"
+    if cases.skip_reason("diffusers", "cpu"):
+        return "not checked: diffusers is not installed"
     gen = lambda: torch.Generator().manual_seed(cases.SEED)  # noqa: E731
     expected = make_run("diffusers", model, kind, shape, steps, device, gen)()
     actual = make_run(loop, model, kind, shape, steps, device, gen)()
     torch.testing.assert_close(actual, expected, atol=LOOP_ATOL, rtol=0, msg=lambda m: f"{loop}: {m}")
+    return f"vs the diffusers loop, same generator, atol {LOOP_ATOL}"
 
 
-def time_loop(run, device: str, rounds: int) -> tuple[float, float]:
-    """(median wall seconds per loop, median host seconds to issue it): the device is synchronised
-    before each loop and after it; 'issue' stops when the loop returns, before the final sync."""
-    walls, issues = [], []
-    for _ in range(rounds):
-        common.synchronize(device)
-        start = time.perf_counter()
-        run()
-        issued = time.perf_counter()
-        common.synchronize(device)
-        walls.append(time.perf_counter() - start)
-        issues.append(issued - start)
-    return sorted(walls)[len(walls) // 2], sorted(issues)[len(issues) // 2]
+def time_once(run, device: str) -> tuple[float, float]:
+    """(wall seconds, host seconds to issue) of one loop: the device is synchronised before and after;
+    'issue' stops when the loop returns, before the final sync."""
+    common.synchronize(device)
+    start = time.perf_counter()
+    run()
+    issued = time.perf_counter()
+    common.synchronize(device)
+    return time.perf_counter() - start, issued - start
 
 
-_MODEL_ONLY: dict[tuple, float] = {}
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
-def measure_loop(loop: str, model_name: str, kind: str, steps: int, device: str, rounds: int,
-                 check: bool = True, timer=time_loop) -> dict:
-    """Check, then time one loop; the model-only time of the same setup is measured once per setup.
-    `timer(run, device, rounds)` -> (wall s, issue s) (pytest-benchmark's in the suite)."""
+def with_backend(run, backend: Optional[str]):
+    """`run` with FASTDIFF_BACKEND forced to `backend` (None: the default selection)."""
+    from fastdiff import backends
+
+    def forced_run():
+        with backends.forced(backend):
+            return run()
+    return forced_run
+
+
+def measure_setup(model_name: str, kind: str, steps: int, device: str, loops, rounds: int,
+                  fused_backends=(None,), check: bool = True, log=None) -> list[dict]:
+    """Check every loop of one setup, then time them in alternating rounds (A B C .. A B C ..), with the
+    model-only loop among them, so a shared machine's load drifts hit every loop alike. One record per
+    loop (fastdiff-loop once per backend of `fused_backends`, labelled fastdiff-loop[backend]).
+    With `log` (gpu_check) a loop that fails its check is recorded with its error and the others are
+    timed; without it (the pytest suite) the failure propagates."""
     model, shape = make_model(model_name, device)
+    runs: dict[str, callable] = {}
+    checked: dict[str, str] = {}
+    failed = []
     with torch.no_grad():
-        if check:
-            check_loop(loop, model, kind, shape, steps, device)
-        run = make_run(loop, model, kind, shape, steps, device)
-        if loop == "diffusers" or not check:
-            run()  # warm-up (check_loop already ran the fastdiff loops once)
-        wall, issue = timer(run, device, rounds)
-        key = (model_name, kind, steps, device)
-        if key not in _MODEL_ONLY:
-            scheduler, _ = schedulers(kind)
-            x = torch.randn(shape, device=device)
-            model_only_loop(model, scheduler, x, steps, device)
-            _MODEL_ONLY[key] = time_loop(lambda: model_only_loop(model, scheduler, x, steps, device), device,
-                                         rounds)[0]
-    model_only = _MODEL_ONLY[key]
-    return {"op": "e2e", "provider": loop, "model": model_name, "sampler": f"{kind}{steps}", "steps": steps,
+        for loop in loops:
+            for backend in (fused_backends if loop == "fastdiff-loop" else (None,)) or (None,):
+                label = f"{loop}[{backend}]" if backend else loop
+                try:
+                    if check:
+                        checked[label] = with_backend(lambda: check_loop(loop, model, kind, shape, steps, device),
+                                                      backend)()
+                    run = with_backend(make_run(loop, model, kind, shape, steps, device), backend)
+                    run()  # warm-up: kernels, allocator, and the graph loops' capture
+                    runs[label] = run
+                except Exception as error:  # noqa: BLE001 - a failing loop is a result; the others are timed
+                    if not callable(log):
+                        raise
+                    failed.append({"op": "e2e", "provider": label, "model": model_name, "sampler": f"{kind}{steps}",
+                                   "steps": steps, "device": device,
+                                   "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]})
+        _, sampler = schedulers(kind)  # its timesteps are diffusers' (checked in the tests)
+        x = torch.randn(shape, device=device)
+        runs["model only"] = lambda: model_only_loop(model, sampler, x, steps, device)
+        runs["model only"]()
+        walls: dict[str, list[float]] = {k: [] for k in runs}
+        issues: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for label, run in runs.items():
+                wall, issue = time_once(run, device)
+                walls[label].append(wall)
+                issues[label].append(issue)
+    model_only = _median(walls.pop("model only"))
+    records = list(failed)
+    for label, times in walls.items():
+        wall, issue = _median(times), _median(issues[label])
+        records.append({
+            "op": "e2e", "provider": label, "model": model_name, "sampler": f"{kind}{steps}", "steps": steps,
             "shape": list(shape), "device": device, "device_name": common.device_name(device), "dtype": "fp32",
-            "median_s": wall, "issue_s": issue, "host_per_step_s": issue / steps, "rounds": rounds,
-            "model_only_s": model_only, "sampler_share": max(0.0, 1 - model_only / wall),
-            "per_step_overhead_s": max(0.0, wall - model_only) / steps, "threads": torch.get_num_threads()}
+            "median_s": wall, "min_s": min(times), "issue_s": issue, "host_per_step_s": issue / steps,
+            "rounds": rounds, "model_only_s": model_only, "sampler_share": max(0.0, 1 - model_only / wall),
+            "per_step_overhead_s": max(0.0, wall - model_only) / steps, "threads": torch.get_num_threads(),
+            "checked": checked.get(label, "not checked")})
+    return records
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("kind", tuple(SAMPLERS))
-@pytest.mark.parametrize("model_name", ("unet28", "mlp2d"))
-def test_e2e(benchmark, model_name, kind, loop, device, quick):
-    reason = loop_reason(loop, device)
-    if reason:
-        pytest.skip(reason)
+SETUPS = [("unet28", "ddim"), ("unet28", "ddpm"), ("mlp2d", "ddim"), ("mlp2d", "ddpm")]
+
+
+@pytest.mark.parametrize("model_name,kind", SETUPS, ids=[f"{m}-{k}" for m, k in SETUPS])
+def test_e2e(benchmark, model_name, kind, device, quick):
+    loops = []
+    for loop in LOOPS:
+        why = loop_reason(loop, device)
+        if why:
+            common.SKIPPED[f"e2e {loop}"] = why
+        else:
+            loops.append(loop)
     steps = (QUICK_STEPS if quick else SAMPLERS)[kind]
+    records = measure_setup(model_name, kind, steps, device, loops, rounds=1 if quick else 5)
+    common.RESULTS.extend(records)
     benchmark.group = f"e2e {model_name} {kind}{steps}"
-
-    def pytest_benchmark_timer(run, device, rounds):
-        issues = []
-
-        def timed():
-            common.synchronize(device)
-            start = time.perf_counter()
-            run()
-            issues.append(time.perf_counter() - start)
-            common.synchronize(device)
-
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-        return benchmark.stats.stats.median, sorted(issues)[len(issues) // 2]
-
-    record = measure_loop(loop, model_name, kind, steps, device, rounds=1 if quick else 3,
-                          timer=pytest_benchmark_timer)
-    common.RESULTS.append(record)
-    benchmark.extra_info.update({k: record[k] for k in ("model_only_s", "sampler_share", "per_step_overhead_s",
-                                                        "device_name")})
+    benchmark.extra_info.update({r["provider"]: f"{r['median_s'] * 1e3:.1f} ms" for r in records})
+    model, shape = make_model(model_name, device)
+    benchmark.pedantic(make_run("fastdiff-loop", model, kind, shape, steps, device), rounds=1, iterations=1)

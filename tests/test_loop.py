@@ -261,3 +261,72 @@ def test_cuda_graph_timing(batch):
     torch.testing.assert_close(graph_x, eager_x, atol=0, rtol=0)
     print(f"\nDDIM {steps} steps, batch {batch}, {torch.cuda.get_device_name()}: eager {eager_s * 1e3:.1f} ms, "
           f"CUDA graph {graph_s * 1e3:.1f} ms (incl. capture), speed-up {eager_s / graph_s:.2f}x")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,eta,cfg", [("ddpm", 0.0, False), ("ddim", 1.0, True)])
+def test_whole_loop_graph_equals_eager_loop(kind, eta, cfg):
+    """cuda_graph="loop" (every step in one captured graph) gives the eager loop's sample bit for bit."""
+    model = TinyDenoiser().cuda()
+    shape = (4, 2, 16, 16)
+    guidance = dict(guidance_scale=2.0, cond={"labels": torch.tensor([0, 1, 2, 0])},
+                    uncond={"labels": torch.full((4,), 3)}) if cfg else {}
+    args = dict(num_inference_steps=20, seed=7, eta=eta, device="cuda", progress=False, **guidance)
+    eager = sample(model, make_sampler(kind), shape, **args)
+    graph = sample(model, make_sampler(kind), shape, cuda_graph="loop", **args)
+    torch.testing.assert_close(graph, eager, atol=0, rtol=0)
+
+
+class CaptureCounter:
+    """Patches torch.cuda.CUDAGraph with a subclass that counts capture_begin calls."""
+
+    def __init__(self, monkeypatch):
+        self.captures = 0
+        counter = self
+
+        class CountingGraph(torch.cuda.CUDAGraph):
+            def capture_begin(self, *args, **kwargs):
+                counter.captures += 1
+                return super().capture_begin(*args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", CountingGraph)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [True, "loop"], ids=["graph-step", "graph-loop"])
+def test_graph_is_captured_once_per_setup(monkeypatch, mode):
+    """A second sample(cuda_graph=...) call with the same setup replays the cached graph (no new capture,
+    same result); a new x_T value is copied in, a new seed is a new setup."""
+    counter = CaptureCounter(monkeypatch)
+    model, sampler, shape = TinyDenoiser().cuda(), make_sampler("ddim"), (2, 2, 8, 8)
+    args = dict(num_inference_steps=8, seed=5, eta=1.0, device="cuda", progress=False, cuda_graph=mode)
+    first = sample(model, sampler, shape, **args)
+    assert counter.captures == 1
+    second = sample(model, sampler, shape, **args)
+    assert counter.captures == 1, "the second call with the same setup captured again"
+    assert torch.equal(first, second)
+    x_T = torch.randn(shape, device="cuda")
+    given = sample(model, sampler, x_T=x_T, **args)
+    assert counter.captures == 1  # x_T's value is not part of the setup
+    eager = sample(model, make_sampler("ddim"), x_T=x_T, **{**args, "cuda_graph": False})
+    torch.testing.assert_close(given, eager, atol=0, rtol=0)
+    sample(model, sampler, shape, **{**args, "seed": 6})
+    assert counter.captures == 2  # a new seed is baked into a new graph
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [True, "loop"], ids=["graph-step", "graph-loop"])
+def test_graph_on_a_device_that_is_not_current(mode):
+    """The graph must be captured on the sample's device, not the current one: sample on cuda:1 while
+    cuda:0 is current equals the eager loop on cuda:1, and the current device is left alone."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs to put the sample on a device that is not current; this machine has "
+                    f"{torch.cuda.device_count()} (a graph captured on the current device would break on cuda:1)")
+    model = TinyDenoiser().to("cuda:1")
+    args = dict(num_inference_steps=8, seed=3, device="cuda:1", progress=False)
+    with torch.cuda.device(0):
+        eager = sample(model, make_sampler("ddpm"), (2, 2, 8, 8), **args)
+        graph = sample(model, make_sampler("ddpm"), (2, 2, 8, 8), cuda_graph=mode, **args)
+        assert torch.cuda.current_device() == 0
+    assert graph.device == torch.device("cuda:1")
+    torch.testing.assert_close(graph, eager, atol=0, rtol=0)
