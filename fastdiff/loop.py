@@ -232,8 +232,8 @@ def sample(
     cuda_graph: True / "step": capture model call + fused step once in a CUDA graph and replay it
         every step; "loop": capture the whole loop as one graph (no progress bar, callback or
         trajectory). Graphs are cached on the sampler per (model, shape, dtype, device, schedule,
-        guidance, cond shapes, seed, sample_offset, eta): a second call with the same setup
-        replays without capturing again.
+        guidance, cond shapes, sample_offset, eta): a second call with the same setup, any seed
+        and any cond values, replays without capturing again.
     """
     _check_sampler(sampler)
     _check_noise_source(seed, generator, cuda_graph)
@@ -277,7 +277,7 @@ def sample(
         if graph is None:
             graph = _graphs_of(sampler)[key] = _SamplingGraph(model, sampler, x, kwargs, guidance_scale,
                                                              noise_kwargs, options, whole_loop=cuda_graph == "loop")
-        return graph.run(x, kwargs, callback, return_trajectory, progress)
+        return graph.run(x, kwargs, seed, callback, return_trajectory, progress)
 
     timesteps = sampler.timesteps  # on `device`: each step indexes a view, the loop never reads a value
     trajectory = [x.clone()] if return_trajectory else []
@@ -305,10 +305,11 @@ def _tensor_key(value):
 
 def _graph_key(model, sampler, steps, shape, dtype, device, kwargs, guidance_scale, noise_kwargs, options,
                mode) -> tuple:
-    """What a captured graph bakes in: everything but the values of x_T and of the cond tensors."""
+    """What a captured graph bakes in: everything but the values of x_T, the cond tensors and the seed
+    (a device buffer the kernels read at replay)."""
+    noise = tuple(sorted((k, "device buffer" if k == "seed" else v) for k, v in noise_kwargs.items()))
     return (id(model), mode, steps, tuple(shape), dtype, device, id(sampler.config), guidance_scale,
-            tuple(sorted(options.items())), tuple(sorted(noise_kwargs.items())),
-            tuple((k, _tensor_key(v)) for k, v in sorted(kwargs.items())))
+            tuple(sorted(options.items())), noise, tuple((k, _tensor_key(v)) for k, v in sorted(kwargs.items())))
 
 
 class _SamplingGraph:
@@ -327,10 +328,18 @@ class _SamplingGraph:
     """
 
     def __init__(self, model, sampler, x_T, kwargs, guidance_scale, noise_kwargs, options, whole_loop: bool):
+        with torch.cuda.device(x_T.device):  # capture streams and pools on the sample's GPU, not the current one
+            self._capture(model, sampler, x_T, kwargs, guidance_scale, noise_kwargs, options, whole_loop)
+
+    def _capture(self, model, sampler, x_T, kwargs, guidance_scale, noise_kwargs, options, whole_loop: bool):
         self.sampler, self.steps = sampler, len(sampler.timesteps)
         self.x = x_T.clone()
         self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.i = torch.zeros(1, dtype=torch.int64, device=x_T.device)
+        # The Philox key as a device buffer the kernels read at replay: one graph serves every seed.
+        self.seed = N.seed_tensor(noise_kwargs["seed"], x_T.device).clone() if "seed" in noise_kwargs else None
+        if self.seed is not None:
+            noise_kwargs = {**noise_kwargs, "seed": self.seed}
         timesteps = sampler.timesteps
 
         def one_step() -> None:
@@ -364,8 +373,14 @@ class _SamplingGraph:
         self.i.zero_()
         self.sampler._restart()
 
-    def run(self, x_T, kwargs, callback, return_trajectory, progress) -> torch.Tensor:
+    def run(self, x_T, kwargs, seed, callback, return_trajectory, progress) -> torch.Tensor:
+        with torch.cuda.device(self.x.device):
+            return self._replay(x_T, kwargs, seed, callback, return_trajectory, progress)
+
+    def _replay(self, x_T, kwargs, seed, callback, return_trajectory, progress) -> torch.Tensor:
         self._rewind(x_T)
+        if self.seed is not None:
+            self.seed.fill_(seed)
         for key, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 self.kwargs[key].copy_(value)

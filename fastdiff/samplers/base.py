@@ -44,6 +44,15 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing
     raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
 
 
+def upload(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: on CUDA through pinned memory and a non-blocking copy
+    (a pageable copy would wait for the device; diffusers' set_timesteps does)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def check_choice(name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -134,7 +143,7 @@ class BaseSampler(ConfigMixin):
             host = self._tables.get((key[0], None))
             if host is None:
                 host = self._tables[(key[0], None)] = self._build_table(**options)
-            table = self._tables[key] = host.to(device)
+            table = self._tables[key] = upload(host, device)
         return table
 
     # ---- row index ------------------------------------------------------------------------------
@@ -412,7 +421,7 @@ class BaseSampler(ConfigMixin):
             a, b = abar ** 0.5, (1 - abar) ** 0.5
             p, q = {"epsilon": (0 * a, 1 + 0 * a), "sample": (1 + 0 * a, 0 * a),
                     "v_prediction": (-b, a)}[target]  # v = sqrt(abar) n - sqrt(1 - abar) x0 (Salimans & Ho 2022)
-            return T.q_sample_table(a, b, p, q).to(d)
+            return upload(T.q_sample_table(a, b, p, q), d)
         return self._on(device, ("q_sample", target, id(self.alphas_cumprod)), make)
 
     def training_table(self, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import tables as T
-from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype
+from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype, upload
 from .config import register_to_config
 from .ddpm import PREDICTION_TYPES, x0_coefficients
 
@@ -89,7 +89,7 @@ class DDIMSampler(BaseSampler):
                              f"got {num_inference_steps!r}")
         self.num_inference_steps = int(num_inference_steps)
         steps = spaced_timesteps(T_, self.num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
-        self.timesteps = torch.from_numpy(steps).to(device)
+        self.timesteps = upload(torch.from_numpy(steps), device)
         self._new_schedule(device)
         self._table(torch.device(device or "cpu"), eta=0.0, use_clipped_model_output=False)
 

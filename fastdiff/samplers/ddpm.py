@@ -25,7 +25,7 @@ import torch
 
 from .. import schedules
 from .. import tables as T
-from .base import BaseSampler, check_choice, check_vp_config, spaced_timesteps, table_dtype
+from .base import BaseSampler, check_choice, check_vp_config, spaced_timesteps, table_dtype, upload
 from .config import register_to_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # x0 as two numbers (shared with DDIMSampler)
@@ -202,7 +202,7 @@ class DDPMSampler(BaseSampler):
             values = self._posterior_float64()
             if self.config.prediction_type != "mean":
                 values.update(x0_coefficients(self.config.prediction_type, self.alphas_cumprod.to(torch.float64)))
-            return {name: value.to(device=d, dtype=torch.float32) for name, value in values.items()}
+            return {name: upload(value.to(torch.float32), d) for name, value in values.items()}
         return self._on(device, ("posterior", self.config.prediction_type, id(self.alphas_cumprod)), make)
 
     def training_table(self, device: torch.device) -> torch.Tensor:
@@ -216,7 +216,7 @@ class DDPMSampler(BaseSampler):
             abar = self.alphas_cumprod.to(torch.float32)  # a, b as add_noise computes them (float32)
             a, b = (abar ** 0.5).double(), ((1 - abar) ** 0.5).double()
             post = self._posterior_float64()
-            return T.q_sample_table(a, b, post["c_x0"] + post["c_xt"] * a, post["c_xt"] * b).to(d)
+            return upload(T.q_sample_table(a, b, post["c_x0"] + post["c_xt"] * a, post["c_xt"] * b), d)
         return self._on(device, ("q_sample", "mean", id(self.alphas_cumprod)), make)
 
     @staticmethod
@@ -268,7 +268,7 @@ class DDPMSampler(BaseSampler):
 
     # ---- timesteps ----------------------------------------------------------------------------
     def _set_schedule(self, timesteps: np.ndarray, device) -> None:
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.timesteps = upload(torch.from_numpy(timesteps), device)
         self._timesteps_host = timesteps
         self._schedule = set(timesteps.tolist())
         self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))

@@ -64,7 +64,7 @@ import torch
 
 from .. import tables as T
 from . import sigmas as S
-from .base import BaseSampler, check_choice, randn_like_diffusers, table_dtype
+from .base import BaseSampler, check_choice, randn_like_diffusers, table_dtype, upload
 from .config import register_to_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -234,7 +234,7 @@ class MultistepSampler(BaseSampler):
         timesteps = torch.from_numpy(np.asarray(timesteps)).to(dtype=torch.int64)
         self._timesteps_host = timesteps.numpy()
         self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
-        self.timesteps = timesteps.to(device)
+        self.timesteps = upload(timesteps, device)
         self.num_inference_steps = len(timesteps)
         self._new_schedule(device)
         self._active = None

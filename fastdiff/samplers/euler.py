@@ -31,7 +31,7 @@ import torch
 from .. import ops
 from .. import tables as T
 from . import sigmas as S
-from .base import BaseSampler, check_choice, table_dtype
+from .base import BaseSampler, check_choice, table_dtype, upload
 from .config import register_to_config
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the ones diffusers' Euler samplers build
@@ -75,7 +75,7 @@ class SigmaSampler(BaseSampler):
     def _set_schedule(self, sigmas: torch.Tensor, timesteps: torch.Tensor, device, num_inference_steps) -> None:
         """Keep diffusers' schedule (sigmas on the host, timesteps on `device`), reset the counter, build the table."""
         self.sigmas = sigmas.to("cpu")  # as diffusers: the host copy; the step reads its device table
-        self.timesteps = timesteps.to(device)
+        self.timesteps = upload(timesteps, device)
         self._timesteps_host = timesteps.cpu().numpy()
         self.num_inference_steps = num_inference_steps
         self._device_cache = {}  # forward-noise tables and device sigmas of the previous schedule
@@ -131,7 +131,7 @@ class SigmaSampler(BaseSampler):
 
     def _forward_table(self, device: torch.device, name: str, make) -> torch.Tensor:
         """A q-sample table [len(sigmas) + 1, Q_WIDTH] over the schedule (x_t = a x0 + b n), cached per device."""
-        return self._on(device, ("forward", name), lambda d: make().to(d))
+        return self._on(device, ("forward", name), lambda d: upload(make(), d))
 
     def _forward_noise(self, original: torch.Tensor, noise: torch.Tensor, index: torch.Tensor, table: torch.Tensor,
                        names: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ from .. import noise as N
 from .. import reference as R
 from .. import tables as T
 from . import sigmas as S
-from .base import check_choice
+from .base import check_choice, upload
 from .config import register_to_config
 from .euler import SigmaSampler, _Absent, _q_rows
 from .output import SamplerOutput
@@ -177,7 +177,7 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
         """q-sample rows over the training schedule: x_t = (1 - sigma) x0 + sigma n, target v = n - x0."""
         def make(d):
             sigmas = self.train_sigmas.to(torch.float32)
-            return T.q_sample_table(1.0 - sigmas, sigmas, -torch.ones_like(sigmas), torch.ones_like(sigmas)).to(d)
+            return upload(T.q_sample_table(1.0 - sigmas, sigmas, -torch.ones_like(sigmas), torch.ones_like(sigmas)), d)
         return self._on(device, ("flow_training", id(self.train_sigmas)), make)
 
     # ---- the step -----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
         m, _ = R.guide(model_output, sample, guidance_scale, extra, extra_scale, torch.float32)
         x = sample.to(torch.float32)
         per_token_sigmas = per_token_timesteps / self.config.num_train_timesteps
-        sigmas = self._on(sample.device, "sigmas", lambda d: self.sigmas.to(d))[:, None, None]
+        sigmas = self._on(sample.device, "sigmas", lambda d: upload(self.sigmas, d))[:, None, None]
         lower_mask = sigmas < per_token_sigmas[None] - 1e-6
         lower_sigmas, _ = (lower_mask * sigmas).max(dim=0)
         current_sigma, next_sigma = per_token_sigmas[..., None], lower_sigmas[..., None]
