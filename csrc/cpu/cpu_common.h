@@ -60,6 +60,11 @@ constexpr int64_t kScratch = kChunk + 8;
 const float* fill_normals(float* scratch, int64_t n, uint64_t seed, int64_t first, uint32_t sample,
                           uint32_t counter, uint32_t stream);
 
+// The normals of n (quad, sample) pairs into out[0, 4 n) (pair j: quad quad[j] of global sample
+// sample[j]): the Philox quads of many small samples in one vector loop (csrc/cpu/philox_randn.cpp).
+void fill_quads_of(float* out, const uint32_t* quad, const uint32_t* sample, int64_t n, uint64_t seed,
+                   uint32_t counter, uint32_t stream);
+
 // Runs body(b, begin, end) over every (sample b, element range [begin, end) of that sample) of a
 // batch of `batch` samples of `numel` elements, in parallel; ranges never cross a sample.
 template <typename F>
@@ -72,6 +77,18 @@ void for_each_range(int64_t batch, int64_t numel, const F& body) {
       body(b, i, stop);
       begin = b * numel + stop;
     }
+  });
+}
+
+// Runs body(b0, b1) over groups of whole samples [b0, b1) of at most kChunk elements together, in
+// parallel: for samples much smaller than a chunk (2-D points), one vectorised loop covers many
+// samples instead of one short loop per sample.
+template <typename F>
+void for_each_sample_group(int64_t batch, int64_t numel, const F& body) {
+  if (batch == 0 || numel == 0) return;
+  const int64_t group = std::max<int64_t>(1, kChunk / numel);
+  at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / numel), [&](int64_t begin, int64_t end) {
+    for (int64_t b0 = begin; b0 < end; b0 += group) body(b0, std::min(b0 + group, end));
   });
 }
 

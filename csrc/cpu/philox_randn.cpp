@@ -61,6 +61,27 @@ void fill_quads(float* out, int64_t q0, int64_t nq, uint64_t seed, uint32_t samp
   }
 }
 
+// The normals of n (quad, sample) pairs into out[0, 4 n): pair j is quad quad[j] of global sample
+// sample[j] (many small samples in one vector loop; fill_quads is one sample's run of quads).
+FD_MULTIVERSION
+void fill_quads_of(float* out, const uint32_t* quad, const uint32_t* sample, int64_t n, uint64_t seed,
+                   uint32_t counter, uint32_t stream) {
+  float* __restrict o = out;
+  const uint64_t k0 = seed & kLow32, k1 = seed >> 32;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint64_t c0 = quad[j], c1 = sample[j], c2 = counter, c3 = stream;
+    philox_u64_lanes(c0, c1, c2, c3, k0, k1);
+    float n0, n1, n2, n3;
+    fd_box_muller(fd_uint_to_uniform(uint32_t(c0)), fd_uint_to_uniform(uint32_t(c1)), n0, n1);
+    fd_box_muller(fd_uint_to_uniform(uint32_t(c2)), fd_uint_to_uniform(uint32_t(c3)), n2, n3);
+    o[4 * j] = n0;
+    o[4 * j + 1] = n1;
+    o[4 * j + 2] = n2;
+    o[4 * j + 3] = n3;
+  }
+}
+
 const float* fill_normals(float* scratch, int64_t n, uint64_t seed, int64_t first, uint32_t sample,
                           uint32_t counter, uint32_t stream) {
   const int64_t q0 = first / 4, q1 = (first + n + 3) / 4;  // the quads covering [first, first + n)

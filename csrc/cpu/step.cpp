@@ -126,12 +126,87 @@ void step_run(const FdStepArgs& a, const float* row, uint32_t counter) {
   });
 }
 
+// Samples much smaller than a chunk whose tensors are all flat across samples (no variance channels
+// or extra-prediction padding, one clip for all): one chunk covers many whole samples. Only the
+// normals are per sample (each sample's own Philox quads), gathered into one buffer first.
+inline bool groups_samples(const FdStepArgs& a) {
+  return a.numel * 4 <= kChunk && a.model_stride == a.numel && a.threshold == nullptr &&
+         a.variance == FD_VAR_FIXED && (a.guidance != FD_GUIDE_CFG_EXTRA || a.extra_stride == a.numel);
+}
+
+// The step normals of samples [b0, b1), element after element: every sample's Philox quads in one
+// vector loop into buf, then (when a sample's size is not a multiple of 4) each sample's first numel
+// normals moved together. buf holds 4 * kChunk floats; returns where the normals start.
+inline const float* group_normals(float* buf, const FdStepArgs& a, int64_t b0, int64_t b1, uint64_t seed,
+                                  uint32_t counter) {
+  const int64_t per_sample = (a.numel + 3) / 4, n = (b1 - b0) * per_sample;  // n <= kChunk (groups_samples)
+  alignas(64) uint32_t quad[kChunk], sample[kChunk];
+  for (int64_t j = 0; j < n; ++j) {
+    quad[j] = uint32_t(j % per_sample);
+    sample[j] = uint32_t(uint64_t(a.sample_offset + b0 + j / per_sample));
+  }
+  fill_quads_of(buf, quad, sample, n, seed, counter, FD_STREAM_STEP);
+  if (a.numel % 4 != 0)
+    for (int64_t b = 1; b < b1 - b0; ++b)  // in place, forwards: sample b's normals move down, never up
+      std::copy(buf + 4 * b * per_sample, buf + 4 * b * per_sample + a.numel, buf + b * a.numel);
+  return buf;
+}
+
+template <typename S, int G, int N, bool HIST>
+void step_grouped(const FdStepArgs& a, const float* row, uint32_t counter) {
+  using C = math_t<S>;
+  const FdStepCoefs<C> k = fd_step_coefs<C>(row, HIST ? a.history_reads : 0);
+  const C w = C(a.guidance_scale), w2 = C(a.extra_scale);
+  const FdClip<C> clip = fd_clip<C>(a.clip_mode, a.clip_range, C(1));
+  const int64_t slot_stride = a.batch * a.numel;
+  const S* sample = static_cast<const S*>(a.sample);
+  const S* model = static_cast<const S*>(a.model);
+  S* history = static_cast<S*>(a.history);
+  const uint64_t seed = a.seed != nullptr ? uint64_t(*a.seed) : 0;
+  for_each_sample_group(a.batch, a.numel, [&](int64_t b0, int64_t b1) {
+    alignas(64) C std_buf[kChunk];
+    alignas(64) S scratch[3][kChunk];  // x0, out2, hist when not written
+    alignas(64) float normals[4 * kChunk];  // the samples' quads (<= kChunk of them), then their elements
+    const int64_t base = b0 * a.numel, len = (b1 - b0) * a.numel;
+    for (int64_t j = 0; j < len; ++j) std_buf[j] = k.noise_std;
+    const float* z = normals;
+    if (N == FD_NOISE_PHILOX) z = group_normals(normals, a, b0, b1, seed, counter);
+    Chunk<S> p;
+    p.x = sample + base;
+    p.u = model + base;
+    p.c = p.u + a.cond_offset;
+    p.e = G == FD_GUIDE_CFG_EXTRA ? static_cast<const S*>(a.extra) + base : nullptr;
+    p.n = N == FD_NOISE_GIVEN ? static_cast<const S*>(a.noise) + base : nullptr;
+    p.z = z;
+    p.std = std_buf;
+    for (int j = 0; j < FD_MAX_HISTORY_READS; ++j)
+      p.h[j] = HIST && j < a.history_reads
+                   ? history + fd_history_slot(row[FD_READ_SLOT1 + j], a.slots) * slot_stride + base
+                   : zeros<S>();
+    p.out = static_cast<S*>(a.out) + base;
+    p.x0 = a.x0 != nullptr ? static_cast<S*>(a.x0) + base : scratch[0];
+    p.out2 = HIST && a.write_out2 ? history + fd_history_slot(row[FD_OUT2_SLOT], a.slots) * slot_stride + base
+                                  : scratch[1];
+    p.hist = HIST && a.write_history ? history + fd_history_slot(row[FD_HIST_SLOT], a.slots) * slot_stride + base
+                                     : scratch[2];
+    step_chunk<S, G, N, HIST>(p, k, clip, w, w2, len);
+  });
+}
+
+template <typename S, int G, int N, bool HIST>
+void step_layout(const FdStepArgs& a, const float* row, uint32_t counter) {
+  if (groups_samples(a))
+    step_grouped<S, G, N, HIST>(a, row, counter);
+  else
+    step_run<S, G, N, HIST>(a, row, counter);
+}
+
 template <typename S, int G, int N>
 void step_history(const FdStepArgs& a, const float* row, uint32_t counter) {
   if (a.history_reads > 0 || a.write_out2 || a.write_history)
-    step_run<S, G, N, true>(a, row, counter);
+    step_layout<S, G, N, true>(a, row, counter);
   else
-    step_run<S, G, N, false>(a, row, counter);
+    step_layout<S, G, N, false>(a, row, counter);
 }
 
 template <typename S, int G>
