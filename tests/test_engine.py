@@ -156,3 +156,19 @@ def test_counter_sampler_loop_on_the_meta_device():
     for t in sampler.timesteps:
         x = sampler.step(torch.empty_like(x), t, x).prev_sample
     assert x.device.type == "meta"
+
+
+def test_set_timesteps_reuses_a_table_built_for_the_same_schedule():
+    """A sampling loop calls set_timesteps every run: the table of an unchanged schedule, config and step
+    options is the one built before (the multistep solvers take tens of ms to build theirs)."""
+    sampler = fastdiff.UniPCMultistepSampler()
+    sampler.set_timesteps(20)
+    first = sampler._table(torch.device("cpu"))
+    sampler.set_timesteps(20)
+    assert sampler._table(torch.device("cpu")) is first
+    sampler.set_timesteps(21)
+    assert sampler._table(torch.device("cpu")).shape != first.shape
+    sampler.register_to_config(solver_order=1)  # a new config object: built again
+    sampler.set_timesteps(20)
+    again = sampler._table(torch.device("cpu"))
+    assert again is not first and not torch.equal(again, first)

@@ -142,8 +142,26 @@ class BaseSampler(ConfigMixin):
         if table is None:
             host = self._tables.get((key[0], None))
             if host is None:
-                host = self._tables[(key[0], None)] = self._build_table(**options)
+                host = self._tables[(key[0], None)] = self._remembered_table(key[0], options)
             table = self._tables[key] = upload(host, device)
+        return table
+
+    _REMEMBERED_TABLES = 4
+
+    def _remembered_table(self, options_key: tuple, options: dict) -> torch.Tensor:
+        """The host table of the current config, schedule and options: built, or the one built the last time
+        set_timesteps gave this schedule (a sampling loop calls set_timesteps every run; the multistep
+        solvers take tens of milliseconds to build theirs)."""
+        sigmas = getattr(self, "sigmas", None)
+        schedule = (getattr(self, "_timesteps_host", np.empty(0)).tobytes(),
+                    sigmas.numpy().tobytes() if isinstance(sigmas, torch.Tensor) and sigmas.is_cpu else None)
+        memory = self.__dict__.setdefault("_table_memory", [])
+        for config, remembered_schedule, remembered_options, table in memory:
+            if config is self.config and remembered_schedule == schedule and remembered_options == options_key:
+                return table
+        table = self._build_table(**options)
+        memory.insert(0, (self.config, schedule, options_key, table))
+        del memory[self._REMEMBERED_TABLES:]
         return table
 
     # ---- row index ------------------------------------------------------------------------------
