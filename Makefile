@@ -13,6 +13,9 @@ $(SETUP_STAMP): $(SOURCES)
 	$(PYTHON) -m pip install --upgrade "setuptools>=64" wheel
 	$(PYTHON) -m pip install --no-build-isolation -e ".[test,demo]" \
 		"torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
+	# k-diffusion: a second oracle for DPM-Solver++ (tests load its sampling.py by path). Without its
+	# declared dependencies, which pull torchvision, wandb, clip... (not in the test extra for that reason)
+	$(PYTHON) -m pip install --no-deps "k-diffusion==0.1.1.post1"
 	$(PYTHON) setup.py -q build_ext --inplace
 	@mkdir -p build && touch $@
 
