@@ -21,3 +21,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- shared fixtures ------------------------------------------------------------------------------
+GRID_BACKENDS = ("reference", "cpp")  # the backends sampler parity grids run on (Triton: a subset, slow)
+
+
+def use_backend(name: str, monkeypatch, dtype=torch.float32) -> None:
+    """Force backend `name` (FASTDIFF_BACKEND) for the test. Skipped, with the reason, when it cannot run
+    CPU tensors here, except the C++ backend where CI requires it (FASTDIFF_REQUIRE_CPP=1): a failure."""
+    from fastdiff import backends
+    try:
+        reason = backends.unavailable_reason(name, "cpu", dtype)
+        if reason is None and not hasattr(backends.load(name), "step"):
+            reason = "does not implement the generic step"
+    except Exception as error:  # a backend that fails to import at all
+        reason = f"{type(error).__name__}: {error}"
+    if reason is not None:
+        if name == "cpp" and os.environ.get("FASTDIFF_REQUIRE_CPP") == "1":
+            pytest.fail(f"backend cpp unavailable but FASTDIFF_REQUIRE_CPP=1: {reason}")
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    monkeypatch.setenv("FASTDIFF_BACKEND", name)
+
+
+@pytest.fixture(params=GRID_BACKENDS)
+def backend(request, monkeypatch):
+    """Each sampler test once per grid backend (forced)."""
+    use_backend(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    use_backend("triton", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors and models gain nothing from threads; on a busy 2-core machine two threads spin against
+    each other (a tiny UNet test took 390 s with two threads, 15 s with one). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

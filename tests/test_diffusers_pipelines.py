@@ -17,19 +17,12 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 STEPS = 5
 BATCH = 2
 TIGHT = 1e-5  # max pixel difference to the matching diffusers twin
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny UNet gains nothing from threads; on a busy 2-core machine two threads spin against each other
-    (the 100-step test took 390 s with two threads, 15 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

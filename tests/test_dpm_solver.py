@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
+from conftest import use_backend
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 import fastdiff
-from fastdiff import backends, tables as T
+from fastdiff import tables as T
 from kdiffusion_oracle import GivenNoise, sampling as kdiffusion_sampling
 
 SHAPE = (2, 3, 6, 5)
@@ -65,25 +65,6 @@ class Denoiser:
         if self.variance:  # [prediction; variance] channels (a small positive variance half)
             out = torch.cat([out, 1e-3 * (1 + x.abs())], 1)
         return out
-
-
-def backend_unavailable(name: str) -> str | None:
-    """Why `name` cannot run the fused step on CPU tensors now (None: it can)."""
-    try:
-        reason = backends.unavailable_reason(name, "cpu", torch.float32)
-        if reason is None and not hasattr(backends.load(name), "step"):
-            reason = "does not implement step yet"
-    except Exception as error:  # a backend being rebuilt may fail to import at all
-        reason = f"{type(error).__name__}: {error}"
-    return reason
-
-
-def use_backend(name: str, monkeypatch) -> None:
-    """Force backend `name` (FASTDIFF_BACKEND); skip when it cannot run, except C++ when CI requires it."""
-    reason = backend_unavailable(name)
-    if reason is not None and not (name == "cpp" and os.environ.get("FASTDIFF_REQUIRE_CPP") == "1"):
-        pytest.skip(f"backend {name} unavailable: {reason}")
-    monkeypatch.setenv("FASTDIFF_BACKEND", name)
 
 
 def run_pair(ours, theirs, steps, model, *, shared: bool, set_kwargs=None, noise_seed=None, start=None,

@@ -20,29 +20,10 @@ from fastdiff import noise as N  # noqa: E402
 from fastdiff.samplers import sigmas as S  # noqa: E402
 
 Ours, Theirs = fastdiff.FlowMatchEulerDiscreteSampler, diffusers.FlowMatchEulerDiscreteScheduler
-GRID_BACKENDS = ["reference", "cpp"]
 LOOP_ATOL = 1e-4  # DESIGN: fp32 loops vs diffusers
 SHAPE = (2, 4, 6, 6)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (on a shared 2-core machine extra threads only wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=GRID_BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", request.param)
-    return request.param
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def velocity(x, t):

@@ -11,22 +11,10 @@ import fastdiff  # noqa: E402
 from fastdiff import noise as N  # noqa: E402
 from fastdiff import training  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SHAPE = (4, 3, 6, 6)
-GRID_BACKENDS = ["reference", "cpp"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=GRID_BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("FASTDIFF_BACKEND", request.param)
-    return request.param
 
 
 def model(x_t, t):

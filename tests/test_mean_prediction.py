@@ -8,10 +8,10 @@ Triton interpreter is slow: it gets a small subset.
 import math
 
 import pytest
+from conftest import use_backend
 import torch
 
 import fastdiff
-from fastdiff import backends
 from fastdiff import noise as N
 from fastdiff.training import diffusion_loss
 
@@ -19,20 +19,6 @@ from fastdiff.training import diffusion_loss
 # rounded once), so float64 samples also agree to float32 coefficient rounding, not to 1e-15.
 FP32 = dict(atol=1e-6, rtol=1e-5)
 SHAPE = (3, 2, 4, 5)
-
-
-def use_backend(name, monkeypatch, dtype=torch.float32):
-    reason = backends.unavailable_reason(name, "cpu", dtype)
-    if reason is None and not hasattr(backends.load(name), "step"):
-        reason = f"the {name} backend does not expose the generic step yet"
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
-    monkeypatch.setenv("FASTDIFF_BACKEND", name)
-
-
-@pytest.fixture(params=["reference", "cpp"])
-def backend(request, monkeypatch):
-    return request.param
 
 
 # ---- the hand-written reference -------------------------------------------------------------------

@@ -17,10 +17,6 @@ The issue's failing case (DDPM with diffusers' defaults through StableDiffusionP
 __init__ patches `steps_offset` / `clip_sample` into `scheduler._internal_dict`) is reproduced in
 `test_issue_14_*`: ignoring the patch changes the images by ~0.7 (0.007 with clip_sample=False);
 fastdiff now follows it.
-
-PENDING lists the fastdiff samplers other engineers are still writing: their cases are skipped
-with reason "sampler not implemented yet (PENDING)". Any other case whose fastdiff class does not
-exist fails, saying so. Empty PENDING as the samplers land.
 """
 import functools
 import os
@@ -34,9 +30,9 @@ transformers = pytest.importorskip("transformers")
 
 import fastdiff  # noqa: E402
 
-PENDING = []
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),  # diffusers' deprecation notes (e.g. the SD config patch)
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy 2 notes inside some diffusers schedulers
 ]
@@ -44,16 +40,6 @@ pytestmark = [
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-clip-tokenizer")
 STEPS = 4
 ATOL = 1e-3  # max pixel difference on the [0, 1] images (issue 14)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core CI machine two threads spin against each other
-    (a 32-channel conv took 35 ms instead of 2 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- tiny components ------------------------------------------------------------------------------
@@ -178,13 +164,7 @@ def sample(pipe, kind: str, steps: int = STEPS, seed: int = 0) -> tuple[np.ndarr
 
 
 def fastdiff_class(name: str):
-    if name in PENDING:
-        pytest.skip("sampler not implemented yet (PENDING)")
-    cls = getattr(fastdiff, name, None)
-    if cls is None:
-        pytest.fail(f"fastdiff.{name} does not exist: export it from fastdiff, or add {name!r} to PENDING at the top "
-                    "of tests/test_pipelines.py while it is being written")
-    return cls
+    return getattr(fastdiff, name)
 
 
 def compare(ours, theirs, label: str) -> float:

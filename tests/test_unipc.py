@@ -16,7 +16,8 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 import fastdiff
 from fastdiff import tables as T
-from test_dpm_solver import ATOL, SHAPE, Denoiser, run_pair, use_backend
+from conftest import use_backend
+from test_dpm_solver import ATOL, SHAPE, Denoiser, run_pair
 
 
 def pair(config: dict):

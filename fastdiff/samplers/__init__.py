@@ -6,3 +6,6 @@ from .flow_match_euler import FlowMatchEulerDiscreteSampler
 from .dpm_solver import DPMSolverMultistepSampler
 from .unipc import UniPCMultistepSampler
 from .output import SamplerOutput
+
+__all__ = ["DDPMSampler", "DDIMSampler", "EulerDiscreteSampler", "EulerAncestralDiscreteSampler",
+           "FlowMatchEulerDiscreteSampler", "DPMSolverMultistepSampler", "UniPCMultistepSampler", "SamplerOutput"]

@@ -25,7 +25,7 @@ import torch
 
 from .. import schedules
 from .. import tables as T
-from .base import BaseSampler, check_choice, check_vp_config, spaced_timesteps, table_dtype, upload
+from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype, upload
 from .config import register_to_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # x0 as two numbers (shared with DDIMSampler)
