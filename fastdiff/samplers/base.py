@@ -462,7 +462,11 @@ class BaseSampler(ConfigMixin):
                 raise ValueError(f"timesteps must be in [0, {T_}), got {bad.tolist()[:5]}")
         return t.to(device=like.device, dtype=torch.int64).expand(like.shape[0]).contiguous()
 
-    def _q_sample(self, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, target: str) -> torch.Tensor:
+class TrainingTimestepNoising:
+    """add_noise / get_velocity at training timesteps, as DDPM and DDIM have them (the sigma samplers'
+    diffusers twins noise at the inference schedule's sigmas instead: their own add_noise)."""
+
+    def _q_sample(self: BaseSampler, x0: torch.Tensor, noise: torch.Tensor, timesteps, names: str, target: str) -> torch.Tensor:
         if noise.shape != x0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but {names} has shape {tuple(x0.shape)}")
         x_t, velocity, _ = ops.run_q_sample(x0, self._q_sample_table(x0.device, target),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import tables as T
-from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype, upload
+from .base import BaseSampler, TrainingTimestepNoising, check_vp_config, spaced_timesteps, table_dtype, upload
 from .config import register_to_config
 from .ddpm import PREDICTION_TYPES, x0_coefficients
 
@@ -33,7 +33,7 @@ def eps_coefficients(prediction_type: str, abar_t: torch.Tensor, use_clipped: bo
     return {"x": beta_prod_t ** 0.5, "m": abar_t ** 0.5, "x0": zero}  # v: sqrt(abar) v + sqrt(1 - abar) x
 
 
-class DDIMSampler(BaseSampler):
+class DDIMSampler(BaseSampler, TrainingTimestepNoising):
     """Same constructor, config keys and defaults as `diffusers.DDIMScheduler`.
 
     As diffusers, the previous timestep of t is t - num_train_timesteps // num_inference_steps,

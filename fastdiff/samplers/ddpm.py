@@ -25,7 +25,7 @@ import torch
 
 from .. import schedules
 from .. import tables as T
-from .base import BaseSampler, check_vp_config, spaced_timesteps, table_dtype, upload
+from .base import BaseSampler, TrainingTimestepNoising, check_vp_config, spaced_timesteps, table_dtype, upload
 from .config import register_to_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # x0 as two numbers (shared with DDIMSampler)
@@ -80,7 +80,7 @@ def mean_rows(abar: torch.Tensor, t: torch.Tensor, prev: torch.Tensor, out_x0: t
             "out_x": torch.where(direct, 0 * one, out_x)}
 
 
-class DDPMSampler(BaseSampler):
+class DDPMSampler(BaseSampler, TrainingTimestepNoising):
     """Same constructor, config keys and defaults as `diffusers.DDPMScheduler`.
 
     Differences, all on purpose: `step` never synchronises with the device; it also takes

@@ -41,16 +41,6 @@ TIMESTEP_TYPES = ("discrete", "continuous")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
-class _Absent:
-    """A method the diffusers twin does not have: `hasattr(sampler, name)` is False, as with diffusers."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, objtype=None):
-        raise AttributeError(f"{objtype.__name__} has no {self.name} (diffusers' twin has none either)")
-
-
 def euler_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """diffusers' float32 timesteps of Euler / Euler ancestral for the three spacings (Lin et al. 2023, Table 2)."""
     T_, n = num_train_timesteps, num_inference_steps
@@ -142,7 +132,24 @@ class SigmaSampler(BaseSampler):
         return x_t
 
 
-class EulerDiscreteSampler(SigmaSampler):
+class VPSigmaSampler(SigmaSampler):
+    """Euler and Euler ancestral: sigmas of a VP schedule (x_t = x0 + sigma n on the EDM scale)."""
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """sample / sqrt(sigma^2 + 1) at the current step (EDM's c_in), read from the device row: no sync."""
+        index = self._step_index_tensor(timestep, sample.device)  # diffusers initialises the step index here
+        self.is_scale_input_called = True
+        return sample / T.gather_row(self._table(sample.device), index)[T.INPUT_DIVISOR]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
+        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
+        table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
+            torch.ones_like(self.sigmas), self.sigmas))
+        return self._forward_noise(original_samples, noise, index, table, "original_samples")
+
+
+class EulerDiscreteSampler(VPSigmaSampler):
     """Same constructor, config keys and defaults as `diffusers.EulerDiscreteScheduler`, plus `table_dtype`.
 
     Differences, on purpose: `step` and `scale_model_input` never synchronise with the device; `step`
@@ -269,17 +276,6 @@ class EulerDiscreteSampler(SigmaSampler):
                             pre_noise=pre_noise, out_x=q, out_x0=1 - q, input_divisor=(sigma**2 + 1) ** 0.5)
 
     # ---- the diffusers surface ----------------------------------------------------------------
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """sample / sqrt(sigma^2 + 1) at the current step (EDM's c_in), read from the device row: no sync."""
-        return _scale_model_input(self, sample, timestep)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
-        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
-        table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
-            torch.ones_like(self.sigmas), self.sigmas))
-        return self._forward_noise(original_samples, noise, index, table, "original_samples")
-
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """sqrt(abar) n - sqrt(1 - abar) x, as diffusers' EulerDiscreteScheduler computes it: abar is read at the
         timestep's index in the inference schedule (alphas_cumprod[step index], sic)."""
@@ -369,12 +365,6 @@ def _churn_options(s_churn, s_tmin, s_tmax, s_noise) -> dict:
     if s_churn == 0:
         return {}
     return {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)}
-
-
-def _scale_model_input(sampler: SigmaSampler, sample: torch.Tensor, timestep) -> torch.Tensor:
-    index = sampler._step_index_tensor(timestep, sample.device)  # diffusers initialises the step index here
-    sampler.is_scale_input_called = True
-    return sample / T.gather_row(sampler._table(sample.device), index)[T.INPUT_DIVISOR]
 
 
 def _q_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

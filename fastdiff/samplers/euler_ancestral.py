@@ -26,13 +26,12 @@ from .. import tables as T
 from . import sigmas as S
 from .base import table_dtype
 from .config import register_to_config
-from .euler import (SigmaSampler, _Absent, _check_vp_sigma_config, _init_vp_sigma_schedule, _q_rows,
-                    _scale_model_input, euler_timesteps, vp_x0_columns)
+from .euler import VPSigmaSampler, _check_vp_sigma_config, _init_vp_sigma_schedule, euler_timesteps, vp_x0_columns
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # accepted as diffusers does; "sample" cannot step
 
 
-class EulerAncestralDiscreteSampler(SigmaSampler):
+class EulerAncestralDiscreteSampler(VPSigmaSampler):
     """Same constructor, config keys and defaults as `diffusers.EulerAncestralDiscreteScheduler`, plus `table_dtype`.
 
     Differences, on purpose: `step` and `scale_model_input` never synchronise with the device; the
@@ -44,7 +43,6 @@ class EulerAncestralDiscreteSampler(SigmaSampler):
     """
 
     diffusers_class_name = "EulerAncestralDiscreteScheduler"
-    get_velocity = _Absent()  # diffusers' Euler ancestral has none
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -88,17 +86,6 @@ class EulerAncestralDiscreteSampler(SigmaSampler):
         return T.step_table(len(sigma_from), dtype=dtype,
                             **vp_x0_columns(self.config.prediction_type, sigma_from, sigma_from),
                             out_x=q, out_x0=1 - q, noise_std=sigma_up, input_divisor=(sigma_from**2 + 1) ** 0.5)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """sample / sqrt(sigma^2 + 1) at the current step, read from the device row: no sync."""
-        return _scale_model_input(self, sample, timestep)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
-        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
-        table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
-            torch.ones_like(self.sigmas), self.sigmas))
-        return self._forward_noise(original_samples, noise, index, table, "original_samples")
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None, seed: Optional[int] = None,

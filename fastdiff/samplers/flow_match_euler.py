@@ -28,7 +28,7 @@ from .. import tables as T
 from . import sigmas as S
 from .base import check_choice, upload
 from .config import register_to_config
-from .euler import SigmaSampler, _Absent, _q_rows
+from .euler import SigmaSampler, _q_rows
 from .output import SamplerOutput
 
 _FLOAT32 = torch.empty(0)  # stands for the dtype diffusers draws flow-matching noise in
@@ -50,8 +50,6 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
     diffusers_class_name = "FlowMatchEulerDiscreteScheduler"
     returns_x0 = False  # diffusers' output has prev_sample only
     flow_matching = True  # fastdiff.diffusion_loss trains the velocity n - x0 (rectified flow)
-    add_noise = _Absent()  # flow matching noises with scale_noise
-    get_velocity = _Absent()
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
