@@ -55,8 +55,14 @@ def test_counter_history_and_host_mirror():
         torch.testing.assert_close(x, want)
         previous = m
         assert sampler.step_index == i + 1 and sampler._counter.tolist() == [i + 1]
-    past_the_end = sampler.step(m, 0, x).prev_sample  # the counter reads the NaN sentinel row
-    assert torch.isnan(past_the_end).all()
+    with pytest.raises(IndexError, match="step index 4 is past the end of the schedule"):  # as diffusers
+        sampler.step(m, 0, x)
+    # known on the device only (the first index found from a device timestep), the step reads the NaN row
+    sampler.set_timesteps(4)
+    sampler._counter_index(torch.tensor(30), x.device)
+    sampler._index_pending, sampler._step_index = False, None
+    sampler._counter.fill_(4)
+    assert torch.isnan(sampler.step(m, 0, x).prev_sample).all()
 
 
 def test_first_index_from_the_timestep_and_begin_index():
@@ -132,7 +138,7 @@ def test_skip_layer_guidance_is_fused():
     guided = u + 4.0 * (c - u)
     manual = sampler.step(guided + (c - e) * 2.8, 901, x).prev_sample  # SD3 pipeline's order
     torch.testing.assert_close(fused, manual, atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="pass guidance_scale too"):
+    with pytest.raises(ValueError, match="skip_layer_output needs guidance_scale"):
         sampler.step(c, 901, x, skip_layer_output=e, skip_layer_guidance_scale=1.0)
 
 

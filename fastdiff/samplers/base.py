@@ -248,6 +248,10 @@ class BaseSampler(ConfigMixin):
                 self._step_index = self._host_index_for_timestep(timestep)  # raises for an unknown timestep
                 self._counter.fill_(self._step_index)
             self._index_pending = False
+        steps = len(self.timesteps)
+        if self._step_index is not None and self._step_index >= steps and not torch.compiler.is_compiling():
+            raise IndexError(f"step index {self._step_index} is past the end of the schedule ({steps} steps): "
+                             "call set_timesteps to start a new loop")  # diffusers: an IndexError too
         return self._counter
 
     def _host_index_for_timestep(self, timestep) -> int:
@@ -344,13 +348,26 @@ class BaseSampler(ConfigMixin):
                              f"{tuple(sample.shape)} needs {want}{cfg}")
         if guidance_extra is not None:
             if guidance_scale is None:
-                raise ValueError("guidance_extra (e.g. a skip-layer prediction) is a guidance term: pass guidance_scale too")
+                raise ValueError("skip_layer_output needs guidance_scale: skip-layer guidance is applied after the fused "
+                                 "CFG (model_output = [uncond; cond])")
             want = (sample.shape[0], *model_output.shape[1:])
             if tuple(guidance_extra.shape) != want or guidance_extra.device != sample.device:
                 raise ValueError(f"guidance_extra must have shape {want} on {sample.device} (the conditional half of "
                                  f"model_output), got {tuple(guidance_extra.shape)} on {guidance_extra.device}")
         if key is not None:
             self._checked.add(key)
+
+    @staticmethod
+    def _skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale) -> tuple[Optional[torch.Tensor], float]:
+        """SD3's skip-layer guidance (guided = cfg + s (cond - skip), after CFG) as the engine's extra guidance
+        term: (guidance_extra, extra_scale)."""
+        if isinstance(skip_layer_guidance_scale, bool) or not isinstance(skip_layer_guidance_scale, (int, float)):
+            raise TypeError(f"skip_layer_guidance_scale must be a float, got {skip_layer_guidance_scale!r}")
+        if skip_layer_output is None:
+            if skip_layer_guidance_scale:
+                raise ValueError("skip_layer_guidance_scale needs skip_layer_output (the skip-layer prediction)")
+            return None, 0.0
+        return skip_layer_output, float(skip_layer_guidance_scale)
 
     def _noise(self, sample, model_output, generator, variance_noise, seed, needs_noise: bool):
         """(noise tensor or None, seed or None) for the fused op, per DESIGN "Noise"."""

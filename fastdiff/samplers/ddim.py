@@ -115,11 +115,11 @@ class DDIMSampler(BaseSampler, TrainingTimestepNoising):
         self._steps()
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"eta must be a float >= 0, got {eta!r}")
-        self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=skip_layer_output)
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
+        self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=extra)
         index, _ = self._timestep_index(timestep, sample.device)
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, eta > 0)
         table = self._table(sample.device, eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
         return self._run_step(model_output, sample, table, index, noise=noise if eta > 0 else None,
                               seed=seed, sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              guidance_extra=skip_layer_output,
-                              extra_scale=skip_layer_guidance_scale, out=out, return_dict=return_dict)
+                              guidance_extra=extra, extra_scale=extra_scale, out=out, return_dict=return_dict)

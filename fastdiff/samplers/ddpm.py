@@ -315,15 +315,15 @@ class DDPMSampler(BaseSampler, TrainingTimestepNoising):
              guidance_scale: Optional[float] = None, sample_offset: int = 0, out: Optional[torch.Tensor] = None,
              skip_layer_output: Optional[torch.Tensor] = None, skip_layer_guidance_scale: float = 0.0):
         """One reverse step x_t -> x_{t-1} (DDPM Algorithm 2 / eq. 7) in one fused op (`out=`: see BaseSampler)."""
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
         self._check_step_inputs(model_output, sample, guidance_scale, self._plan().variance_mode != T.VAR_FIXED,
-                                guidance_extra=skip_layer_output)
+                                guidance_extra=extra)
         index, host_t = self._timestep_index(timestep, sample.device)
         host_last = host_t == 0  # diffusers draws no noise at t = 0 (a device t: the row's std is 0)
         noise, seed = self._noise(sample, model_output, generator, variance_noise, seed, not host_last)
         return self._run_step(model_output, sample, self._table(sample.device), index, noise=noise, seed=seed,
                               sample_offset=sample_offset, guidance_scale=guidance_scale, advance=False,
-                              guidance_extra=skip_layer_output,
-                              extra_scale=skip_layer_guidance_scale, out=out, return_dict=return_dict)
+                              guidance_extra=extra, extra_scale=extra_scale, out=out, return_dict=return_dict)
 
     # ---- diffusers' variance helper -----------------------------------------------------------
     def _get_variance(self, t, predicted_variance: Optional[torch.Tensor] = None,

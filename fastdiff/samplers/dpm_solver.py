@@ -340,9 +340,8 @@ class MultistepSampler(BaseSampler):
               skip_layer_output, skip_layer_guidance_scale, sample_offset, out):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) before step()")
-        self._check_step_inputs(model_output, sample, guidance_scale, self.variance_channels, skip_layer_output)
-        if skip_layer_output is None and skip_layer_guidance_scale:
-            raise ValueError("skip_layer_guidance_scale needs skip_layer_output (the skip-layer prediction)")
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
+        self._check_step_inputs(model_output, sample, guidance_scale, self.variance_channels, extra)
         index = self._counter_index(timestep, sample.device)
         table = self._loop_table(sample.device, index)
         noise = None
@@ -357,7 +356,7 @@ class MultistepSampler(BaseSampler):
             seed = None
         return self._run_step(model_output, sample, table, index, noise=noise, seed=seed,
                               sample_offset=sample_offset, guidance_scale=guidance_scale,
-                              guidance_extra=skip_layer_output, extra_scale=float(skip_layer_guidance_scale or 0.0),
+                              guidance_extra=extra, extra_scale=extra_scale,
                               advance=True, out=out, return_dict=return_dict)
 
     # ---- the rest of diffusers' surface -------------------------------------------------------

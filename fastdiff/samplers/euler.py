@@ -80,27 +80,9 @@ class SigmaSampler(BaseSampler):
                              "indices (e.g. from enumerate(timesteps)) is not supported, pass one of sampler.timesteps")
 
     def _step_index_tensor(self, timestep, device: torch.device) -> torch.Tensor:
-        """The device counter, found on the first call (diffusers' `_init_step_index`), checked on the host when known."""
+        """The device counter (BaseSampler._counter_index), after refusing integer step indices as timesteps."""
         self._check_timestep(timestep)
-        index = self._counter_index(timestep, device)
-        steps = len(self.timesteps)
-        if self._step_index is not None and self._step_index >= steps and not torch.compiler.is_compiling():
-            raise IndexError(f"step index {self._step_index} is past the end of the schedule ({steps} steps): "
-                             "call set_timesteps to start a new loop")
-        return index
-
-    # ---- step arguments -----------------------------------------------------------------------
-    @staticmethod
-    def _skip_layer(skip_layer_output, skip_layer_guidance_scale, guidance_scale):
-        """SD3's skip-layer guidance (guided = cfg + s (cond - skip)) as the engine's extra guidance term."""
-        if skip_layer_output is None:
-            return None, 0.0
-        if guidance_scale is None:
-            raise ValueError("skip_layer_output needs guidance_scale (skip-layer guidance is applied after fused CFG, "
-                             "model_output = [uncond; cond])")
-        if isinstance(skip_layer_guidance_scale, bool) or not isinstance(skip_layer_guidance_scale, (int, float)):
-            raise TypeError(f"skip_layer_guidance_scale must be a float, got {skip_layer_guidance_scale!r}")
-        return skip_layer_output, float(skip_layer_guidance_scale)
+        return self._counter_index(timestep, device)
 
     # ---- forward noising (img2img, inpainting, training) ------------------------------------------
     def _noise_indices(self, timesteps, batch: int, device: torch.device, use_begin_index: bool = True):
@@ -299,7 +281,7 @@ class EulerDiscreteSampler(VPSigmaSampler):
              skip_layer_guidance_scale: float = 0.0, sample_offset: int = 0, out: Optional[torch.Tensor] = None):
         """One Euler step (EDM Algorithm 2, churn when s_churn > 0) in one fused op (`out=`: see BaseSampler)."""
         options = _churn_options(s_churn, s_tmin, s_tmax, s_noise)
-        extra, extra_scale = self._skip_layer(skip_layer_output, skip_layer_guidance_scale, guidance_scale)
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
         self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=extra)
         index = self._step_index_tensor(timestep, sample.device)
         if options and torch.compiler.is_compiling() and tuple(options.values()) not in self._noisy_rows:

@@ -94,7 +94,7 @@ class EulerAncestralDiscreteSampler(VPSigmaSampler):
         """One ancestral Euler step in one fused op; noise at every step, as diffusers (`out=`: see BaseSampler)."""
         if self.config.prediction_type == "sample":
             raise NotImplementedError("prediction_type='sample' is not implemented for Euler ancestral (as in diffusers)")
-        extra, extra_scale = self._skip_layer(skip_layer_output, skip_layer_guidance_scale, guidance_scale)
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
         self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=extra)
         index = self._step_index_tensor(timestep, sample.device)
         table = self._table(sample.device)

@@ -186,7 +186,7 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
              guidance_scale: Optional[float] = None, skip_layer_output: Optional[torch.Tensor] = None,
              skip_layer_guidance_scale: float = 0.0, sample_offset: int = 0, out: Optional[torch.Tensor] = None):
         """One rectified-flow Euler step in one fused op (`out=`: see BaseSampler)."""
-        extra, extra_scale = self._skip_layer(skip_layer_output, skip_layer_guidance_scale, guidance_scale)
+        extra, extra_scale = self._skip_layer_guidance(skip_layer_output, skip_layer_guidance_scale)
         self._check_step_inputs(model_output, sample, guidance_scale, guidance_extra=extra)
         index = self._step_index_tensor(timestep, sample.device)
         # diffusers draws the noise of stochastic sampling in the upcast sample's dtype (float32), every step
