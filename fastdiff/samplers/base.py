@@ -220,10 +220,19 @@ class BaseSampler(ConfigMixin):
             self._counter.fill_(self._begin_index)
             self._index_pending, self._step_index = False, self._begin_index
 
+    def _install_schedule(self, timesteps: torch.Tensor, device, **table_options) -> None:
+        """set_timesteps' common end, once the sampler has set its schedule (sigmas, ...): the host copy of the
+        timesteps (never read back from the device), the device copy (uploaded without a sync), a fresh
+        engine, and the table of the default step options built now (a step only looks it up)."""
+        self._timesteps_host = timesteps.numpy()
+        self.timesteps = upload(timesteps, device)
+        self._new_schedule(device)
+        self._table(torch.device(device) if device is not None else torch.device("cpu"), **table_options)
+
     def _new_schedule(self, device) -> None:
-        """set_timesteps: forget the last schedule's tables and index views; counter samplers get a fresh
+        """Forget the last schedule's tables, index views and device constants; counter samplers get a fresh
         counter on `device` and no history yet (built at the next first step)."""
-        self._tables, self._table_config, self._index_views = {}, None, {}
+        self._tables, self._table_config, self._index_views, self._device_cache = {}, None, {}, {}
         if not self.keyed_by_timestep:
             self._start_counter(device)
 

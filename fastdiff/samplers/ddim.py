@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import tables as T
-from .base import BaseSampler, TrainingTimestepNoising, check_vp_config, spaced_timesteps, table_dtype, upload
+from .base import BaseSampler, TrainingTimestepNoising, check_vp_config, spaced_timesteps, table_dtype
 from .config import register_to_config
 from .ddpm import PREDICTION_TYPES, x0_coefficients
 
@@ -89,9 +89,7 @@ class DDIMSampler(BaseSampler, TrainingTimestepNoising):
                              f"got {num_inference_steps!r}")
         self.num_inference_steps = int(num_inference_steps)
         steps = spaced_timesteps(T_, self.num_inference_steps, self.config.timestep_spacing, self.config.steps_offset)
-        self.timesteps = upload(torch.from_numpy(steps), device)
-        self._new_schedule(device)
-        self._table(torch.device(device or "cpu"), eta=0.0, use_clipped_model_output=False)
+        self._install_schedule(torch.from_numpy(steps), device, eta=0.0, use_clipped_model_output=False)
 
     def previous_timestep(self, timestep):
         return timestep - self.config.num_train_timesteps // self._steps()

@@ -268,12 +268,9 @@ class DDPMSampler(BaseSampler, TrainingTimestepNoising):
 
     # ---- timesteps ----------------------------------------------------------------------------
     def _set_schedule(self, timesteps: np.ndarray, device) -> None:
-        self.timesteps = upload(torch.from_numpy(timesteps), device)
-        self._timesteps_host = timesteps
         self._schedule = set(timesteps.tolist())
         self._previous = dict(zip(timesteps.tolist(), timesteps[1:].tolist() + [-1]))
-        self._new_schedule(device)
-        self._table(torch.device(device or "cpu"))  # build now: step only looks it up
+        self._install_schedule(torch.from_numpy(timesteps), device)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: str | torch.device | None = None,
                       timesteps: Optional[list[int]] = None) -> None:

@@ -64,7 +64,7 @@ import torch
 
 from .. import tables as T
 from . import sigmas as S
-from .base import BaseSampler, check_choice, randn_like_diffusers, table_dtype, upload
+from .base import BaseSampler, check_choice, randn_like_diffusers, table_dtype
 from .config import register_to_config
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -231,14 +231,10 @@ class MultistepSampler(BaseSampler):
 
     def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device) -> None:
         """Store sigmas (float32, CPU, as diffusers) and timesteps (int64 on `device`), reset the engine."""
-        timesteps = torch.from_numpy(np.asarray(timesteps)).to(dtype=torch.int64)
-        self._timesteps_host = timesteps.numpy()
         self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
-        self.timesteps = upload(timesteps, device)
         self.num_inference_steps = len(timesteps)
-        self._new_schedule(device)
         self._active = None
-        self._table(torch.device(device or "cpu"))  # every row built now: a step only gathers
+        self._install_schedule(torch.from_numpy(np.asarray(timesteps)).to(dtype=torch.int64), device)
 
     def _scalars(self) -> ScalarSchedule:
         """The schedule's per-sigma scalars (cached per sigmas and config object)."""

@@ -65,13 +65,9 @@ class SigmaSampler(BaseSampler):
     def _set_schedule(self, sigmas: torch.Tensor, timesteps: torch.Tensor, device, num_inference_steps) -> None:
         """Keep diffusers' schedule (sigmas on the host, timesteps on `device`), reset the counter, build the table."""
         self.sigmas = sigmas.to("cpu")  # as diffusers: the host copy; the step reads its device table
-        self.timesteps = upload(timesteps, device)
-        self._timesteps_host = timesteps.cpu().numpy()
         self.num_inference_steps = num_inference_steps
-        self._device_cache = {}  # forward-noise tables and device sigmas of the previous schedule
         self._noisy_rows: dict = {}  # step options -> which rows add noise (host bools, set when a table is built)
-        self._new_schedule(device)  # fresh counter on `device`, no tables yet
-        self._table(self._counter.device)  # built now: a step only looks it up
+        self._install_schedule(timesteps.cpu(), device)
 
     def _check_timestep(self, timestep) -> None:
         if isinstance(timestep, (bool, int, np.integer)) or (
