@@ -12,6 +12,9 @@ Variants (rows from the samplers' own tables, so they are the rows a real loop r
 - step/cfg+ddpm   the DDPM row with classifier-free guidance 7.5 fused ([uncond; cond] batch)
 - step/multistep  a DPM-Solver++(2M) row (t = 500 -> 480, r = 1): reads one history slot (the
                   previous x0) and writes x0 into another
+- step/unipc      a row of Wan 2.x's sampler (UniPCMultistepSampler, flow prediction, flow_shift 3.0,
+                  order 2, 50 steps, step 25): corrector + predictor in one row, reads three history slots
+                  (the last corrected sample, two model outputs), writes the new corrected sample and x0
 - q_sample        training noising with per-sample t: x_t and the epsilon target, in-kernel noise
 - cfg             u + w (c - u)
 Bytes moved = each input read once + each output written once (in-kernel noise is not counted).
@@ -45,10 +48,12 @@ SIZES: dict[str, tuple[int, ...]] = {
     "sdxl-latent": (1, 4, 128, 128),  # one SDXL latent, 64K
     "batch16-sdxl": (16, 4, 128, 128),  # a batch of SDXL latents, 1M
     "video": (1, 16, 16, 256, 256),  # a video latent (B, C, frames, H, W), 16.8M
+    "wan-latent": (1, 16, 21, 60, 104),  # a Wan 2.x 480p video latent (81 frames), 2.1M
 }
-GPU_SIZES = ("sd-latent", "batch16-sdxl", "video")  # 16K, 1M, 16M elements
+GPU_SIZES = ("sd-latent", "batch16-sdxl", "wan-latent", "video")  # 16K, 1M, 2M, 16M elements
 QUICK_SIZES = ("sd-latent",)
-SIZE_CLASS = {"sd-latent": "latent (16K)", "sdxl-latent": "latent (64K)", "batch16-sdxl": "1M", "video": "16M"}
+SIZE_CLASS = {"sd-latent": "latent (16K)", "sdxl-latent": "latent (64K)", "batch16-sdxl": "1M", "wan-latent": "2M",
+              "video": "16M"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 PROVIDERS = ("eager", "diffusers", "compile", "reference", "triton", "cpp_cuda", "cpp_cpu")
@@ -86,6 +91,8 @@ SPECS = {s.name: s for s in (
            "the pipelines' CFG line + DDPMScheduler.step"),
     OpSpec("step/multistep", "step", 3, 2, "read eps, x_t, h_1; write x_{t-1}, history: 5 x numel", None,
            "a hand-built DPM-Solver++(2M) row has no one-call diffusers twin"),
+    OpSpec("step/unipc", "step", 5, 3, "read m, x_t, h_1..h_3; write x_{t+1}, corrected x, x0: 8 x numel", None,
+           "diffusers' UniPC step reads host state (a whole loop is compared in the e2e and parity tests)"),
     OpSpec("q_sample", "q_sample", 1, 2, "read x0; write x_t, target (the noise): 3 x numel",
            "DDPMScheduler.add_noise (+ torch.randn)"),
     OpSpec("cfg", "cfg_combine", 2, 1, "read uncond, cond; write guided: 3 x numel", "the pipelines' CFG line"),
@@ -207,7 +214,19 @@ class StepOptions:
     clip_range: Optional[float] = None
     history_reads: int = 0
     write_history: bool = False
+    write_out2: bool = False
     noise: bool = False
+
+
+def unipc_setup(device: str) -> tuple[torch.Tensor, torch.Tensor, StepOptions, int]:
+    """Wan 2.x's sampler at step 25 of 50 (a steady-state row: order 2, corrector on)."""
+    from fastdiff import UniPCMultistepSampler
+    sampler = UniPCMultistepSampler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    solver_order=2)
+    sampler.set_timesteps(DDIM_STEPS)
+    table = sampler._table(torch.device(device))[-1]  # the stage of every step after the warm-up
+    options = StepOptions(history_reads=sampler.history_reads, write_history=True, write_out2=True)
+    return table, torch.tensor([DDIM_STEPS // 2], device=device), options, sampler.history_slots
 
 
 def step_setup(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor, StepOptions, int]:
@@ -226,6 +245,8 @@ def step_setup(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor, Step
     if name == "step/multistep":
         return multistep_table().to(device), torch.tensor([0], device=device), \
             StepOptions(history_reads=1, write_history=True), 2
+    if name == "step/unipc":
+        return unipc_setup(device)
     raise ValueError(f"unknown step variant {name!r}")
 
 
@@ -255,6 +276,10 @@ class OpCase:
         if self.spec.op == "step":
             self.table, self.index, self.options, self.history_slots = step_setup(name, device)
             self.row = T.gather_row(self.table, self.index)
+            # the slots the row writes (hist, then out2), read once here, outside any timing
+            self.written_slots = [int(self.row[column]) for column, written in
+                                  ((T.HIST_SLOT, self.options.write_history), (T.OUT2_SLOT, self.options.write_out2))
+                                  if written]
         elif self.spec.op == "q_sample":
             from fastdiff import DDPMSampler
             self.table = DDPMSampler()._q_sample_table(torch.device(device), "epsilon")
@@ -270,11 +295,7 @@ class OpCase:
             model_shape = doubled if self.options.guidance_scale is not None else shape
             tensors = {"model_output": randn(model_shape, dt, dev, 1), "sample": randn(shape, dt, dev, 2),
                        "out": torch.empty(shape, dtype=dt, device=dev)}
-            history = torch.empty((self.history_slots, *shape), dtype=dt, device=dev)
-            if self.history_slots:
-                history[0] = randn(shape, dt, dev, 3)
-                history[1:] = 0
-            tensors["history"] = history
+            tensors["history"] = randn((self.history_slots, *shape), dt, dev, 3)
         elif self.spec.op == "q_sample":
             tensors = {"x0": randn(shape, dt, dev, 1)}
         else:
@@ -316,9 +337,9 @@ class OpCase:
             def run():
                 prev, _ = ops.run_step(s["model_output"], s["sample"], self.table, self.index, s["history"], None,
                                        SEED if o.noise else None, 0, o.guidance_scale, None, 0.0, T.VAR_FIXED,
-                                       o.clip_range, None, o.history_reads, o.write_history, False, False, False,
-                                       out=s["out"])
-                return (prev, s["history"][1]) if o.write_history else (prev,)
+                                       o.clip_range, None, o.history_reads, o.write_history, o.write_out2, False,
+                                       False, out=s["out"])
+                return (prev, *(s["history"][slot] for slot in self.written_slots))
             return run
         if self.spec.op == "q_sample":
             def run():
@@ -333,7 +354,7 @@ class OpCase:
         fn, o = EAGER[self.spec.op], self.options
         if self.spec.op == "step":
             return lambda s, noise: fn(s["model_output"], s["sample"], s["history"], self.table, self.index, noise,
-                                       o.guidance_scale, o.clip_range, o.history_reads, o.write_history)
+                                       o.guidance_scale, o.clip_range, o.history_reads, o.write_history, o.write_out2)
         if self.spec.op == "q_sample":
             return lambda s, noise: fn(s["x0"], self.table, self.index, noise)
         return lambda s, noise: fn(s["model_output"], GUIDANCE)
@@ -342,7 +363,7 @@ class OpCase:
         fn, o = compiled(self.spec.op), self.options
         if self.spec.op == "step":
             return lambda s, noise: fn(s["model_output"], s["sample"], s["history"], self.table, self.index, noise,
-                                       o.guidance_scale, o.clip_range, o.history_reads, o.write_history)
+                                       o.guidance_scale, o.clip_range, o.history_reads, o.write_history, o.write_out2)
         if self.spec.op == "q_sample":
             return lambda s, noise: fn(s["x0"], self.table, self.index, noise)
         return lambda s, noise: fn(s["model_output"], GUIDANCE)
@@ -425,12 +446,15 @@ class OpCase:
 
 # ---- the eager ops (pure functions of their arguments: torch.compile shares one per op) --------------
 def eager_step(model_output, sample, history, table, index, noise, guidance_scale, clip_range, history_reads,
-               write_history):
+               write_history, write_out2):
+    """The step in plain torch ops: (prev, hist if written, out2 if written), history read at the row's slots."""
     row = T.gather_row(table, index)
-    hist = (history[0],) if history_reads else ()
-    result = R.step(model_output, sample, row, hist, noise, guidance_scale=guidance_scale, clip_range=clip_range,
-                    write_history=write_history)
-    return (result.prev, result.hist.to(sample.dtype)) if write_history else (result.prev,)
+    slots = row[list(T.READ_SLOT[:history_reads])].to(torch.int64)  # on the device: no sync
+    reads = tuple(history.index_select(0, slots)) if history_reads else ()
+    result = R.step(model_output, sample, row, reads, noise, guidance_scale=guidance_scale, clip_range=clip_range,
+                    write_history=write_history, write_out2=write_out2)
+    written = (result.hist,) * write_history + (result.out2,) * write_out2
+    return (result.prev, *(value.to(sample.dtype) for value in written))
 
 
 def eager_q_sample(x0, table, index, noise):

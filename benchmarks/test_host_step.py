@@ -2,8 +2,9 @@
 
 At 1x4x8x8 on the CPU with one thread (torch.set_num_threads(1)), in one run: fastdiff's
 DDPMSampler.step and DDIMSampler.step (as a diffusers loop calls them, and with `out=` as
-fastdiff.sample() calls them), diffusers' DDPMScheduler.step and DDIMScheduler.step, and two
-floors: the backend launcher alone (fastdiff.ops.run_step) and one torch add. Providers are timed
+fastdiff.sample() calls them), diffusers' DDPMScheduler.step and DDIMScheduler.step, the other
+samplers next to their diffusers twins (stepping through a 500-step schedule, started again at its
+end), and two floors: the backend launcher alone (fastdiff.ops.run_step) and one torch add. Providers are timed
 in alternating windows (timing.interleaved_host_times), so a shared machine's load hits them alike;
 each is reported as a ratio to diffusers' DDIMScheduler.step. Target (issue 10): <= 0.2x for
 DDPM and DDIM. A measurement, not an assert.
@@ -56,6 +57,13 @@ def step_calls(device: str = "cpu") -> tuple[dict, dict]:
     calls["diffusers DDPMScheduler.step"] = lambda: d_ddpm.step(m, dt_ddpm, x)
     calls[BASELINE] = lambda: d_ddim.step(m, dt_ddim, x)
     notes["diffusers DDPMScheduler.step"] = "torch.randn noise"
+    for ours, theirs, kwargs, note in SIGMA_SAMPLERS:
+        for sampler, extra in ((getattr(fastdiff, ours)(**kwargs), {"seed": cases.SEED}),
+                               (getattr(diffusers, theirs)(**kwargs), {"generator": torch.Generator()})):
+            name = f"{'fastdiff' if sampler.__module__.startswith('fastdiff') else 'diffusers'} " \
+                   f"{type(sampler).__name__}.step"
+            calls[name] = cyclic_steps(sampler, m, x, extra if "noise" in note else {}, device)
+            notes[name] = note
     table, index = ddim._table(x.device, eta=0.0, use_clipped_model_output=False), torch.tensor([500], device=device)
     history = torch.empty(0, device=device)
     calls["floor: fastdiff.ops.run_step"] = lambda: ops.run_step(
@@ -64,6 +72,33 @@ def step_calls(device: str = "cpu") -> tuple[dict, dict]:
     notes["floor: fastdiff.ops.run_step"] = f"the eager fast path alone (DDIM row, backend {backend})"
     calls["floor: one torch.add"] = lambda: torch.add(m, x, out=out)
     return calls, notes
+
+
+# (fastdiff sampler, its diffusers twin, config, what the step does): stepped through a schedule in order
+SIGMA_SAMPLERS = [
+    ("EulerDiscreteSampler", "EulerDiscreteScheduler", {}, "SDXL's default"),
+    ("EulerAncestralDiscreteSampler", "EulerAncestralDiscreteScheduler", {}, "noise every step"),
+    ("FlowMatchEulerDiscreteSampler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, "SD3's default"),
+    ("DPMSolverMultistepSampler", "DPMSolverMultistepScheduler", {}, "DPM-Solver++ 2M: one history read"),
+    ("UniPCMultistepSampler", "UniPCMultistepScheduler", {}, "order 2: corrector + predictor, 3 history reads"),
+]
+CYCLE = 500  # steps of the schedule the cyclic calls walk through
+
+
+def cyclic_steps(sampler, m: torch.Tensor, x: torch.Tensor, kwargs: dict, device: str):
+    """One call = the next step of a CYCLE-step schedule (set again, from index 0, at its end): counter
+    samplers (and their diffusers twins) step in order, as in a loop."""
+    state = {"left": 0, "timesteps": None}
+
+    def call():
+        if state["left"] == 0:
+            sampler.set_timesteps(CYCLE, device=device)
+            sampler.set_begin_index(0)
+            sampler.is_scale_input_called = True  # the Euler schedulers warn (a log line per step) otherwise
+            state["left"], state["timesteps"] = CYCLE, iter(list(sampler.timesteps))
+        state["left"] -= 1
+        return sampler.step(m, next(state["timesteps"]), x, **kwargs)
+    return call
 
 
 def _backend_name(x: torch.Tensor) -> str:

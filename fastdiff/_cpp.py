@@ -51,7 +51,10 @@ def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, his
          clip_range: Optional[float], threshold: Optional[Tensor], history_reads: int, write_history: bool,
          write_out2: bool, advance: bool) -> None:
     """The generic step (fastdiff.eager.step semantics), writing `out`, `x0_out` and the history slots."""
-    seed = N.seed_tensor(seed, sample.device) if seed is not None and noise is None else None
+    if noise is not None:
+        seed = None
+    elif seed is not None and not isinstance(seed, Tensor):  # (fastdiff.ops.run_step passes the tensor already)
+        seed = N.seed_tensor(seed, sample.device)
     _step_op(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset, guidance_scale,
              guidance_extra, extra_scale, variance, clip_range, threshold, history_reads, write_history, write_out2,
              advance)

@@ -95,22 +95,25 @@ def check_seed(seed):
 _SEED_TENSORS: dict = {}  # (seed, device) -> its int64 [1] tensor (a few; ints repeat across steps)
 
 
-def seed_tensor(seed, device) -> torch.Tensor:
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The Philox key as the step kernels read it: an int64 [1] tensor on `device` (an int seed is made
-    one, cached; a tensor must already be there)."""
-    device = torch.device(device)
-    if isinstance(check_seed(seed), torch.Tensor):
-        if seed.device != device and not (seed.device.type == device.type == "cpu"):
+    one, cached; a tensor must already be there). Called for every seeded step: kept cheap."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            check_seed(seed)  # raises, naming what is wrong
+        if seed.device != device and not (seed.is_cpu and torch.device(device).type == "cpu"):
             raise ValueError(f"the seed tensor is on {seed.device} but the sample is on {device}")
-        return seed.reshape(1)
-    if torch.compiler.is_compiling():
-        return torch.full((1,), seed, dtype=torch.int64, device=device)  # traced: a constant
+        return seed if seed.dim() == 1 else seed.reshape(1)
     key = (seed, device)
     tensor = _SEED_TENSORS.get(key)
-    if tensor is None:
+    if tensor is None or torch.compiler.is_compiling():
+        check_seed(seed)
+        tensor = torch.full((1,), seed, dtype=torch.int64, device=device)
+        if torch.compiler.is_compiling():
+            return tensor  # traced: a constant, no cache (a cache read would add guards)
         if len(_SEED_TENSORS) >= 64:
             _SEED_TENSORS.clear()
-        tensor = _SEED_TENSORS[key] = torch.full((1,), seed, dtype=torch.int64, device=device)
+        _SEED_TENSORS[key] = tensor
     return tensor
 
 

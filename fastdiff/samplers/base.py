@@ -257,7 +257,7 @@ class BaseSampler(ConfigMixin):
                 self._step_index = self._host_index_for_timestep(timestep)  # raises for an unknown timestep
                 self._counter.fill_(self._step_index)
             self._index_pending = False
-        steps = len(self.timesteps)
+        steps = len(self._timesteps_host)  # (len of a tensor costs microseconds)
         if self._step_index is not None and self._step_index >= steps and not torch.compiler.is_compiling():
             raise IndexError(f"step index {self._step_index} is past the end of the schedule ({steps} steps): "
                              "call set_timesteps to start a new loop")  # diffusers: an IndexError too
