@@ -178,3 +178,18 @@ def test_set_timesteps_reuses_a_table_built_for_the_same_schedule():
     sampler.set_timesteps(20)
     again = sampler._table(torch.device("cpu"))
     assert again is not first and not torch.equal(again, first)
+
+
+def test_dynamic_thresholding_past_torch_quantiles_limit():
+    """diffusers' torch.quantile refuses a sample of more than 2**24 elements (e.g. a 3x4096x4096 image);
+    two per-sample selections give the same interpolated quantile at any size."""
+    from fastdiff.reference import dynamic_threshold
+    x0 = torch.randn(1, 2**24 + 16, generator=torch.Generator().manual_seed(0)) * 2
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(x0.abs(), 0.995, dim=1)
+    ratio = 0.995
+    position = torch.tensor(ratio) * (x0.shape[1] - 1)
+    lo, weight = int(position), position - int(position)
+    ordered = x0.abs().sort(dim=1).values
+    want = torch.lerp(ordered[:, lo], ordered[:, lo + 1], weight).clamp(1.0, 3.0)
+    assert torch.equal(dynamic_threshold(x0, ratio, 3.0), want)
