@@ -15,10 +15,6 @@ rewritten: x^ + (x^ - x0) (sigma_next - sigma^) / sigma^; the interpolation form
 when sigma_next << sigma^, where diffusers' x + d dt loses ~ulp(x)), and PRE_NOISE = s_noise
 sqrt(sigma^^2 - sigma^2) (noise added before the update). The model input is x / sqrt(sigma^2 + 1)
 (INPUT_DIVISOR). One table per distinct (s_churn, s_tmin, s_tmax, s_noise).
-
-`SigmaSampler` (here) is what the counter-keyed sigma samplers share (Euler, Euler ancestral,
-flow-matching Euler): the schedule's device state, the step index found without a sync, input
-scaling, forward noising keyed by the schedule, skip-layer guidance arguments.
 """
 from __future__ import annotations
 
@@ -31,100 +27,13 @@ import torch
 from .. import ops
 from .. import tables as T
 from . import sigmas as S
-from .base import BaseSampler, check_choice, table_dtype, upload
+from .base import check_choice, table_dtype
 from .config import register_to_config
+from .sigma_base import (VP_PREDICTION_TYPES, VPSigmaSampler, check_vp_sigma_config, euler_timesteps,
+                         init_vp_sigma_schedule, vp_x0_columns)
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the ones diffusers' Euler samplers build
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-
-
-def euler_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """diffusers' float32 timesteps of Euler / Euler ancestral for the three spacings (Lin et al. 2023, Table 2)."""
-    T_, n = num_train_timesteps, num_inference_steps
-    if spacing == "linspace":
-        return np.linspace(0, T_ - 1, n, dtype=np.float32)[::-1].copy()
-    if spacing == "leading":
-        step_ratio = T_ // n
-        timesteps = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.float32)
-        return timesteps + steps_offset
-    if spacing == "trailing":
-        step_ratio = T_ / n
-        return np.arange(T_, 0, -step_ratio).round().copy().astype(np.float32) - 1
-    raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
-
-
-class SigmaSampler(BaseSampler):
-    """Shared by the counter-keyed sigma samplers: rows keyed by the device step counter."""
-
-    keyed_by_timestep = False
-
-    # ---- schedule state ---------------------------------------------------------------------------
-    def _set_schedule(self, sigmas: torch.Tensor, timesteps: torch.Tensor, device, num_inference_steps) -> None:
-        """Keep diffusers' schedule (sigmas on the host, timesteps on `device`), reset the counter, build the table."""
-        self.sigmas = sigmas.to("cpu")  # as diffusers: the host copy; the step reads its device table
-        self.num_inference_steps = num_inference_steps
-        self._noisy_rows: dict = {}  # step options -> which rows add noise (host bools, set when a table is built)
-        self._install_schedule(timesteps.cpu(), device)
-
-    def _check_timestep(self, timestep) -> None:
-        if isinstance(timestep, (bool, int, np.integer)) or (
-                isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-            raise ValueError(f"{type(self).__name__}.step got an integer timestep {timestep!r}: passing integer "
-                             "indices (e.g. from enumerate(timesteps)) is not supported, pass one of sampler.timesteps")
-
-    def _step_index_tensor(self, timestep, device: torch.device) -> torch.Tensor:
-        """The device counter (BaseSampler._counter_index), after refusing integer step indices as timesteps."""
-        self._check_timestep(timestep)
-        return self._counter_index(timestep, device)
-
-    # ---- forward noising (img2img, inpainting, training) ------------------------------------------
-    def _noise_indices(self, timesteps, batch: int, device: torch.device, use_begin_index: bool = True):
-        """[batch] int64 indices into the schedule, as diffusers' add_noise picks them, without a sync:
-        begin_index unset: the index of each timestep (host values checked on the host); else the step
-        counter (begin_index before the first step, the step index after)."""
-        if use_begin_index and self._begin_index is not None and self._counter is not None:
-            return self._counter.to(device).expand(batch)
-        t = torch.as_tensor(timesteps).reshape(-1)
-        if t.numel() not in (1, batch):
-            raise ValueError(f"timesteps must have 1 or batch={batch} entries, got {t.numel()}")
-        index = self._schedule_indices(t, missing=len(self.timesteps) + 1)  # no match: a forward table's NaN row
-        if t.is_cpu:
-            missing = t[index > len(self.timesteps)]
-            if missing.numel():
-                raise ValueError(f"timesteps {missing.tolist()[:5]} are not in the schedule (sampler.timesteps)")
-        return index.to(device).expand(batch)
-
-    def _forward_table(self, device: torch.device, name: str, make) -> torch.Tensor:
-        """A q-sample table [len(sigmas) + 1, Q_WIDTH] over the schedule (x_t = a x0 + b n), cached per device."""
-        return self._on(device, ("forward", name), lambda d: upload(make(), d))
-
-    def _forward_noise(self, original: torch.Tensor, noise: torch.Tensor, index: torch.Tensor, table: torch.Tensor,
-                       names: str) -> torch.Tensor:
-        if not isinstance(noise, torch.Tensor) or noise.shape != original.shape:
-            raise ValueError(f"noise must be a tensor of {names}'s shape {tuple(original.shape)}, got "
-                             + (f"{tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__))
-        x_t, _, _ = ops.run_q_sample(original, table, index.contiguous(), noise.to(original.device), 0, 0, False, False)
-        return x_t
-
-
-class VPSigmaSampler(SigmaSampler):
-    """Euler and Euler ancestral: sigmas of a VP schedule (x_t = x0 + sigma n on the EDM scale)."""
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """sample / sqrt(sigma^2 + 1) at the current step (EDM's c_in), read from the device row: no sync."""
-        index = self._step_index_tensor(timestep, sample.device)  # diffusers initialises the step index here
-        self.is_scale_input_called = True
-        return sample / T.gather_row(self._table(sample.device), index)[T.INPUT_DIVISOR]
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
-        index = self._noise_indices(timesteps, original_samples.shape[0], original_samples.device)
-        table = self._forward_table(original_samples.device, "add_noise", lambda: _q_rows(
-            torch.ones_like(self.sigmas), self.sigmas))
-        return self._forward_noise(original_samples, noise, index, table, "original_samples")
 
 
 class EulerDiscreteSampler(VPSigmaSampler):
@@ -149,12 +58,12 @@ class EulerDiscreteSampler(VPSigmaSampler):
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                  timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero", table_dtype: str = "float32"):
-        _check_vp_sigma_config(self.config, PREDICTION_TYPES)
+        check_vp_sigma_config(self.config, VP_PREDICTION_TYPES)
         check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, S.FINAL_SIGMAS_TYPES)
         S.sigma_conversion(self.config)
-        _init_vp_sigma_schedule(self)
+        init_vp_sigma_schedule(self)
         sigmas = torch.from_numpy(S.vp_sigmas(self.alphas_cumprod)).flip(0)
         timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
                                                  dtype=float)[::-1].copy()).to(torch.float32)
@@ -305,36 +214,6 @@ class EulerDiscreteSampler(VPSigmaSampler):
 
 
 # ---- shared by Euler and Euler ancestral ---------------------------------------------------------------
-def _check_vp_sigma_config(config, prediction_types) -> None:
-    if config.trained_betas is None:
-        check_choice("beta_schedule", config.beta_schedule, BETA_SCHEDULES)
-    check_choice("prediction_type", config.prediction_type, prediction_types)
-    check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
-    table_dtype(config.table_dtype)
-
-
-def _init_vp_sigma_schedule(sampler: BaseSampler) -> None:
-    """diffusers' float32 betas / alphas_cumprod; with zero terminal SNR the last abar is 2^-24 (as diffusers:
-    the first sigma stays finite)."""
-    sampler._init_schedule(sampler.config)
-    if sampler.config.rescale_betas_zero_snr:
-        sampler.alphas_cumprod[-1] = 2**-24
-
-
-def vp_x0_columns(prediction_type: str, sigma: torch.Tensor, sigma_hat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """x0 = X0_X x + X0_M m for a model output m at noise level sigma (sigma_hat after churn), as diffusers'
-    Euler samplers write it: epsilon x - sigma^ m; v (EDM c_skip / c_out) m (-sigma / sqrt(sigma^2 + 1)) +
-    x / (sigma^2 + 1); sample m."""
-    one = torch.ones_like(sigma)
-    if prediction_type == "epsilon":
-        return {"x0_x": one, "x0_m": -sigma_hat}
-    if prediction_type == "v_prediction":
-        return {"x0_x": 1 / (sigma**2 + 1), "x0_m": -sigma / (sigma**2 + 1) ** 0.5}
-    if prediction_type == "sample":
-        return {"x0_x": 0 * one, "x0_m": one}
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
 def _churn_options(s_churn, s_tmin, s_tmax, s_noise) -> dict:
     """The step options that change the table (none when s_churn is 0: gamma = 0 at every step)."""
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
@@ -343,12 +222,3 @@ def _churn_options(s_churn, s_tmin, s_tmax, s_noise) -> dict:
     if s_churn == 0:
         return {}
     return {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": float(s_tmax), "s_noise": float(s_noise)}
-
-
-def _q_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Forward-noise rows x_t = a x0 + b n over the schedule's sigmas (no target), and the NaN row."""
-    zero = torch.zeros_like(a)
-    return T.q_sample_table(a, b, zero, zero)
-
-
-__all__ = ["EulerDiscreteSampler", "SigmaSampler", "euler_timesteps", "vp_x0_columns"]

@@ -26,7 +26,7 @@ from .. import tables as T
 from . import sigmas as S
 from .base import table_dtype
 from .config import register_to_config
-from .euler import VPSigmaSampler, _check_vp_sigma_config, _init_vp_sigma_schedule, euler_timesteps, vp_x0_columns
+from .sigma_base import VPSigmaSampler, check_vp_sigma_config, euler_timesteps, init_vp_sigma_schedule, vp_x0_columns
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # accepted as diffusers does; "sample" cannot step
 
@@ -49,8 +49,8 @@ class EulerAncestralDiscreteSampler(VPSigmaSampler):
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  table_dtype: str = "float32"):
-        _check_vp_sigma_config(self.config, PREDICTION_TYPES)
-        _init_vp_sigma_schedule(self)
+        check_vp_sigma_config(self.config, PREDICTION_TYPES)
+        init_vp_sigma_schedule(self)
         sigmas = np.concatenate([S.vp_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
         timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=float)[::-1].copy())
         self.is_scale_input_called = False

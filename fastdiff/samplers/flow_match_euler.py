@@ -28,7 +28,7 @@ from .. import tables as T
 from . import sigmas as S
 from .base import check_choice, upload
 from .config import register_to_config
-from .euler import SigmaSampler, _q_rows
+from .sigma_base import SigmaSampler, q_rows
 from .output import SamplerOutput
 
 _FLOAT32 = torch.empty(0)  # stands for the dtype diffusers draws flow-matching noise in
@@ -167,7 +167,7 @@ class FlowMatchEulerDiscreteSampler(SigmaSampler):
         """The forward process x_sigma = sigma n + (1 - sigma) x (img2img's starting latents), sigma of each
         timestep's schedule index (begin_index / step index when set, as diffusers), one fused pass."""
         index = self._noise_indices(timestep, sample.shape[0], sample.device)
-        table = self._forward_table(sample.device, "scale_noise", lambda: _q_rows(1.0 - self.sigmas, self.sigmas))
+        table = self._forward_table(sample.device, "scale_noise", lambda: q_rows(1.0 - self.sigmas, self.sigmas))
         return self._forward_noise(sample, noise, index, table, "sample")
 
     # ---- training (fastdiff.diffusion_loss) ---------------------------------------------------

@@ -47,7 +47,7 @@ import torch
 from . import sigmas as S
 from .base import check_choice
 from .config import register_to_config
-from .dpm_solver import HISTORY, X, X0, ZERO, MultistepSampler, row_columns, table_from_rows
+from .multistep import HISTORY, X, X0, ZERO, MultistepSampler, row_columns, table_from_rows
 
 SOLVER_TYPES = ("bh1", "bh2")
 
