@@ -24,3 +24,10 @@ def exact(name, **config):
     if hasattr(s, "final_alpha_cumprod"):
         s.final_alpha_cumprod = torch.as_tensor(s.final_alpha_cumprod).double()
     return s
+
+
+def buildable_compatible_names(scheduler) -> set[str]:
+    """Names in a diffusers scheduler's `compatibles` that can be built here: diffusers lists
+    placeholders (metaclass DummyObject) for classes whose optional package is missing, e.g.
+    DPMSolverSDEScheduler without torchsde; fastdiff's `compatibles` leaves those out."""
+    return {c.__name__ for c in scheduler.compatibles if type(c).__name__ != "DummyObject"}

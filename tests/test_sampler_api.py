@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 import fastdiff
-from diffusers_twins import FP32
+from diffusers_twins import FP32, buildable_compatible_names
 from fastdiff.samplers.config import FASTDIFF_ONLY_KEYS, KARRAS_SCHEDULERS, FrozenConfig
 
 PAIRS = [(fastdiff.DDPMSampler, DDPMScheduler), (fastdiff.DDIMSampler, DDIMScheduler)]
@@ -388,11 +388,26 @@ def test_compatibles(ours, theirs):
     assert ours.has_compatibles is True
     names = [c.__name__ for c in sampler.compatibles]
     assert names[0] == ours.__name__ and len(names) == len(set(names))
-    assert {c.__name__ for c in theirs().compatibles} <= set(names)  # every diffusers class of the family
+    assert buildable_compatible_names(theirs()) <= set(names)  # every diffusers class of the family
     ours_listed = [c for c in sampler.compatibles if c.__module__.startswith("fastdiff")]
     assert {fastdiff.DDPMSampler, fastdiff.DDIMSampler} <= set(ours_listed)
     for cls in sampler.compatibles:  # each builds from this config
         assert cls.from_config(sampler.config).config.num_train_timesteps == 1000
+
+
+def test_compatibles_leave_out_diffusers_placeholders(monkeypatch):
+    """A class diffusers stands in for (its optional package missing: DPMSolverSDEScheduler without
+    torchsde) cannot be built, so it is not offered; the buildable classes still are."""
+    import diffusers
+    from diffusers.utils import DummyObject
+
+    class DPMSolverSDEScheduler(metaclass=DummyObject):
+        _backends = ["torchsde"]
+
+    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", DPMSolverSDEScheduler)
+    names = [c.__name__ for c in fastdiff.DDPMSampler().compatibles]
+    assert "DPMSolverSDEScheduler" not in names
+    assert buildable_compatible_names(DDPMScheduler()) <= set(names) and "EulerDiscreteScheduler" in names
 
 
 def test_importing_fastdiff_does_not_import_diffusers():
