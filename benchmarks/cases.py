@@ -351,16 +351,14 @@ class OpCase:
 
     def _eager_fn(self) -> Callable:
         """The op in plain torch ops (fastdiff.reference), noise given: what eager and compile run."""
-        fn, o = EAGER[self.spec.op], self.options
-        if self.spec.op == "step":
-            return lambda s, noise: fn(s["model_output"], s["sample"], s["history"], self.table, self.index, noise,
-                                       o.guidance_scale, o.clip_range, o.history_reads, o.write_history, o.write_out2)
-        if self.spec.op == "q_sample":
-            return lambda s, noise: fn(s["x0"], self.table, self.index, noise)
-        return lambda s, noise: fn(s["model_output"], GUIDANCE)
+        return self._with_inputs(EAGER[self.spec.op])
 
     def _compiled_fn(self) -> Callable:
-        fn, o = compiled(self.spec.op), self.options
+        return self._with_inputs(compiled(self.spec.op))
+
+    def _with_inputs(self, fn: Callable) -> Callable:
+        """`fn` (the op's reference signature) called on an input set and the noise."""
+        o = self.options
         if self.spec.op == "step":
             return lambda s, noise: fn(s["model_output"], s["sample"], s["history"], self.table, self.index, noise,
                                        o.guidance_scale, o.clip_range, o.history_reads, o.write_history, o.write_out2)

@@ -44,6 +44,13 @@ def use_backend(name: str, monkeypatch, dtype=torch.float32) -> None:
     monkeypatch.setenv("FASTDIFF_BACKEND", name)
 
 
+def grid_params(grid: dict, triton_subset: tuple) -> list:
+    """(backend, option-set name) pairs of a sampler's parity grid: every set on each grid backend,
+    `triton_subset` on Triton (the interpreter is slow)."""
+    params = [pytest.param(b, name, id=f"{b}-{name}") for b in GRID_BACKENDS for name in grid]
+    return params + [pytest.param("triton", name, id=f"triton-{name}") for name in triton_subset]
+
+
 @pytest.fixture(params=GRID_BACKENDS)
 def backend(request, monkeypatch):
     """Each sampler test once per grid backend (forced)."""

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import use_backend
+from conftest import grid_params, use_backend
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
@@ -160,15 +160,7 @@ GRID = {
 TRITON_SUBSET = ("dpmsolver++-o2-midpoint", "sde-dpmsolver++-o3-midpoint", "flow")
 
 
-def _grid_params():
-    for backend in ("reference", "cpp"):
-        for name in GRID:
-            yield pytest.param(backend, name, id=f"{backend}-{name}")
-    for name in TRITON_SUBSET:
-        yield pytest.param("triton", name, id=f"triton-{name}")
-
-
-@pytest.mark.parametrize("backend,name", list(_grid_params()))
+@pytest.mark.parametrize("backend,name", grid_params(GRID, TRITON_SUBSET))
 def test_parity_grid(backend, name, monkeypatch):
     use_backend(backend, monkeypatch)
     config = GRID[name]

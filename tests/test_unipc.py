@@ -16,7 +16,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 import fastdiff
 from fastdiff import tables as T
-from conftest import use_backend
+from conftest import grid_params, use_backend
 from test_dpm_solver import ATOL, SHAPE, Denoiser, run_pair
 
 
@@ -61,15 +61,7 @@ GRID = {
 TRITON_SUBSET = ("o2-bh2", "o3-bh1-eps", "wan")
 
 
-def _grid_params():
-    for backend in ("reference", "cpp"):
-        for name in GRID:
-            yield pytest.param(backend, name, id=f"{backend}-{name}")
-    for name in TRITON_SUBSET:
-        yield pytest.param("triton", name, id=f"triton-{name}")
-
-
-@pytest.mark.parametrize("backend,name", list(_grid_params()))
+@pytest.mark.parametrize("backend,name", grid_params(GRID, TRITON_SUBSET))
 def test_parity_grid(backend, name, monkeypatch):
     use_backend(backend, monkeypatch)
     # single steps on a >= 15-step schedule, a whole loop on a < 15-step one

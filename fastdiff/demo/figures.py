@@ -53,11 +53,17 @@ def save_reverse_gif(trajectory: Sequence[torch.Tensor], path: Path, columns: in
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed); imported when a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_forward_figure(rows: Sequence[tuple[int, torch.Tensor]], path: Path) -> Path:
     """One column per timestep t: the same digits noised to x_t (q(x_t | x_0), DDPM eq. 4)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     count = rows[0][1].shape[0]
     fig, axes = plt.subplots(count, len(rows), figsize=(1.3 * len(rows), 1.3 * count + 0.4), squeeze=False)
@@ -73,22 +79,27 @@ def save_forward_figure(rows: Sequence[tuple[int, torch.Tensor]], path: Path) ->
     return path
 
 
-def save_loss_curve(losses: Sequence[float], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def save_loss_curve(losses: Sequence[float], path: Path, *, ylabel: str = "MSE (noise prediction)",
+                    title: str = "training loss", log_scale: bool = True) -> Path:
+    """Loss per training step (grey) and its running mean. Without `log_scale`, the y range leaves out
+    the extreme 0.5% at each end (a variational bound's first steps are far above the rest)."""
+    plt = pyplot()
     values = np.asarray(losses, dtype=np.float64)
     window = max(1, len(values) // 50)
     smooth = np.convolve(values, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(values, color="0.8", linewidth=0.8, label="per step")
     ax.plot(np.arange(window - 1, len(values)), smooth, color="C0", label=f"mean of {window}")
+    if log_scale:
+        ax.set_yscale("log")
+    else:
+        low, high = np.percentile(values, [0.5, 99.5]) if len(values) > 20 else (values.min(), values.max())
+        pad = 0.1 * (high - low) + 1e-6
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("training step")
-    ax.set_ylabel("MSE (noise prediction)")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
     ax.legend()
-    ax.set_title("training loss")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..loop import sample
+from .figures import pyplot, save_loss_curve
 from .swiss_roll_model import SwissRollModel, TrainSettings, make_sampler, train
 
 T_STEPS = 40  # the paper's trajectory length for the swiss roll
@@ -87,13 +88,6 @@ def train_and_sample(size: RollSize, seed: int = 0, progress: bool = True, data_
 LIMITS = (-2.0, 2.0)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _style(ax) -> None:
     ax.set_xlim(*LIMITS)
     ax.set_ylim(*LIMITS)
@@ -104,7 +98,7 @@ def _style(ax) -> None:
 
 def save_paper_figure(forward: list[torch.Tensor], reverse: list[torch.Tensor], path: Path) -> Path:
     """The 2015 paper's fig. 1 layout: q (data diffused) at t = 0, T/2, T on top, p (samples) below."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.3))
     titles = ("t = 0", "t = T/2", "t = T")
     for row, (points, color, label) in enumerate(((forward, "C0", "data  q(x_t)"), (reverse, "C3", "model  p(x_t)"))):
@@ -126,7 +120,7 @@ def save_reverse_gif(trajectory: list[torch.Tensor], path: Path, hold_last_ms: i
     """The reverse process x_T -> x_0 as a GIF, one frame per step (the last one held)."""
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.6, 3.8))
     _style(ax)
     dots = ax.scatter(trajectory[0][:, 0].numpy(), trajectory[0][:, 1].numpy(), s=1.5, alpha=0.35, color="C3",
@@ -140,27 +134,6 @@ def save_reverse_gif(trajectory: list[torch.Tensor], path: Path, hold_last_ms: i
     plt.close(fig)
     durations = [120] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
-
-
-def save_loss_curve(losses: list[float], path: Path) -> Path:
-    plt = _pyplot()
-    values = np.asarray(losses, dtype=np.float64)
-    window = max(1, len(values) // 50)
-    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(values, color="0.8", linewidth=0.8, label="per step")
-    ax.plot(np.arange(window - 1, len(values)), smooth, color="C0", label=f"mean of {window}")
-    low, high = np.percentile(values, [0.5, 99.5]) if len(values) > 20 else (values.min(), values.max())
-    pad = 0.1 * (high - low) + 1e-6
-    ax.set_ylim(low - pad, high + pad)  # the first steps' KL is far above the rest
-    ax.set_xlabel("training step")
-    ax.set_ylabel("KL (NLL at t = 0), nats / dim")
-    ax.legend()
-    ax.set_title("training loss: the variational bound's terms")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -226,7 +199,8 @@ def _run(args, start: float) -> int:
     written = [
         save_paper_figure(forward, reverse, args.out / "swiss_roll.png"),
         save_reverse_gif(trajectory, args.out / "reverse_process.gif"),
-        save_loss_curve(losses, args.out / "loss_curve.png"),
+        save_loss_curve(losses, args.out / "loss_curve.png", ylabel="KL (NLL at t = 0), nats / dim",
+                        title="training loss: the variational bound's terms", log_scale=False),
         samples_path,
     ]
     numbers = quality(samples, args.seed)

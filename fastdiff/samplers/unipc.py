@@ -211,28 +211,30 @@ class UniPCMultistepSampler(MultistepSampler):
             h_phi_k = h_phi_k / hh - 1 / factorial_i
         return h_phi_1, B_h, torch.stack(R), torch.stack(b)
 
-    def _ends(self, t: int, s0: int):
+    def _bh_update(self, t: int, s0: int, order: int, x, m0, earlier: list):
+        """What UniP and UniC share (diffusers' multistep_uni_{p,c}_bh_update, from step s0 to t): the
+        first-order base x_t_, the scale of the correction, the divided differences D1 of the
+        `earlier` (table index, model output) pairs against m0, and the system R rho = b."""
         s = self._scalars()
-        return s.alpha[t], s.sig[t], s.alpha[s0], s.sig[s0], s.lam[t] - s.lam[s0]
+        alpha_t, sigma_t, alpha_s0, sigma_s0 = s.alpha[t], s.sig[t], s.alpha[s0], s.sig[s0]
+        h = s.lam[t] - s.lam[s0]
+        rks = [(s.lam[j] - s.lam[s0]) / h for j, _ in earlier]
+        D1s = [(m - m0) / rk for (_, m), rk in zip(earlier, rks)]
+        h_phi_1, B_h, R, b = self._bh(h, rks, order)
+        if self.predict_x0:
+            x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+            scale = alpha_t * B_h
+        else:
+            x_t_ = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+            scale = sigma_t * B_h
+        return x_t_, scale, D1s, R, b
 
     def _corrector(self, i: int, order: int, model_t, last_sample, previous):
         """UniC-p: diffusers' multistep_uni_c_bh_update at step i (m0 = m_{i-1}, x = x_{i-1}^c)."""
-        s = self._scalars()
-        alpha_t, sigma_t, alpha_s0, sigma_s0, h = self._ends(i, i - 1)
-        lambda_s0, m0 = s.lam[i - 1], previous[1]
-        rks, D1s = [], []
-        for k in range(1, order):
-            rk = (s.lam[i - (k + 1)] - lambda_s0) / h
-            rks.append(rk)
-            D1s.append((previous[k + 1] - m0) / rk)
-        h_phi_1, B_h, R, b = self._bh(h, rks, order)
-        rhos_c = torch.ones(1, dtype=h.dtype) * 0.5 if order == 1 else torch.linalg.solve(R, b)
-        if self.predict_x0:
-            x_t_ = sigma_t / sigma_s0 * last_sample - alpha_t * h_phi_1 * m0
-            scale = alpha_t * B_h
-        else:
-            x_t_ = alpha_t / alpha_s0 * last_sample - sigma_t * h_phi_1 * m0
-            scale = sigma_t * B_h
+        m0 = previous[1]
+        earlier = [(i - (k + 1), previous[k + 1]) for k in range(1, order)]
+        x_t_, scale, D1s, R, b = self._bh_update(i, i - 1, order, last_sample, m0, earlier)
+        rhos_c = torch.ones(1, dtype=R.dtype) * 0.5 if order == 1 else torch.linalg.solve(R, b)
         corr_res = ZERO
         for k, D1 in enumerate(D1s):
             corr_res = corr_res + rhos_c[k] * D1
@@ -241,24 +243,11 @@ class UniPCMultistepSampler(MultistepSampler):
 
     def _predictor(self, i: int, order: int, m0, x, previous):
         """UniP-p: diffusers' multistep_uni_p_bh_update at step i (m0 = m_i, x = x_i^c)."""
-        s = self._scalars()
-        alpha_t, sigma_t, alpha_s0, sigma_s0, h = self._ends(i + 1, i)
-        lambda_s0 = s.lam[i]
-        rks, D1s = [], []
-        for k in range(1, order):
-            rk = (s.lam[i - k] - lambda_s0) / h
-            rks.append(rk)
-            D1s.append((previous[k] - m0) / rk)
-        h_phi_1, B_h, R, b = self._bh(h, rks, order)
-        if self.predict_x0:
-            x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
-            scale = alpha_t * B_h
-        else:
-            x_t_ = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
-            scale = sigma_t * B_h
+        earlier = [(i - k, previous[k]) for k in range(1, order)]
+        x_t_, scale, D1s, R, b = self._bh_update(i + 1, i, order, x, m0, earlier)
         if not D1s:
             return x_t_
-        rhos_p = torch.ones(1, dtype=h.dtype) * 0.5 if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos_p = torch.ones(1, dtype=R.dtype) * 0.5 if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
         pred_res = ZERO
         for k, D1 in enumerate(D1s):
             pred_res = pred_res + rhos_p[k] * D1
