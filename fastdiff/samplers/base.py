@@ -74,9 +74,6 @@ def table_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
-_NO_HISTORY = torch.empty(0)  # the history argument of a sampler without history, on the CPU
-
-
 class StepPlan(NamedTuple):
     """The config-derived options of a step (BaseSampler._plan)."""
     clip_range: Optional[float]  # clip_sample_range when clip_sample (and not thresholding), else None
@@ -311,7 +308,7 @@ class BaseSampler(ConfigMixin):
     def _history_for(self, sample: torch.Tensor) -> torch.Tensor:
         """The history buffer [slots, *sample.shape], allocated (zeros) on the first step after set_timesteps."""
         if self.history_slots == 0:
-            return _NO_HISTORY if sample.is_cpu else self._on(sample.device, "no_history", lambda d: torch.empty(0, device=d))
+            return ops.empty_of(sample)
         history = self._history
         if history is None:
             history = self._history = sample.new_zeros((self.history_slots, *sample.shape))  # contiguous
