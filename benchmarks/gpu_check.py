@@ -589,8 +589,8 @@ def write_results(args, parts: dict[str, Part], env: dict, results: list[dict], 
             written.append(args.doc)
             if args.out and args.doc.resolve() != (args.out / args.doc.name).resolve():
                 shutil.copy(args.doc, args.out / args.doc.name)
-        except SystemExit as error:
-            log(f"[results] {args.doc} not updated: {error}")
+        except (SystemExit, Exception) as error:  # noqa: BLE001 - the results files are written; keep the log
+            log(f"[results] {args.doc} not updated: {type(error).__name__}: {error}")
     return data, written
 
 
