@@ -173,15 +173,21 @@ def torch_noise(shape, dtype: torch.dtype, device: str) -> torch.Tensor:
 def assert_matches(actual: torch.Tensor, expected32: torch.Tensor, expected_lowp: Optional[torch.Tensor],
                    what: str) -> None:
     """fp32: atol = rtol = 1e-5 vs the reference. fp16/bf16 (DESIGN): error vs the fp32 reference at
-    most 2x the error of the reference computed in that dtype, plus 1e-3."""
+    most 2x the error of the reference computed in that dtype, plus 1e-3, plus one rounding of the value
+    to that dtype: an output the reference copies exactly (q_sample's noise target) is a float32 normal
+    that the GPU kernels make within a few float32 ulp (approximate sqrt, FMA contraction), and a value
+    that close to a rounding boundary lands one bf16 ulp away (seen on an H200: 0.0078 at |noise| in [1, 2))."""
     assert actual.shape == expected32.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected32.shape)}"
     if actual.dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(actual.float(), expected32.float(), atol=1e-5, rtol=1e-5,
                                    msg=lambda m: f"{what}: {m}")
         return
-    err = (actual.float() - expected32.float()).abs().max().item()
+    diff = (actual.float() - expected32.float()).abs()
+    one_rounding = torch.finfo(actual.dtype).eps * expected32.float().abs()  # >= one ulp of the value
+    err = (diff - one_rounding).max().item()
     bound = 2 * (expected_lowp.float() - expected32.float()).abs().max().item() + 1e-3
-    assert err <= bound, f"{what}: max error {err:.3g} vs the fp32 reference exceeds {bound:.3g}"
+    assert err <= bound, (f"{what}: max error {diff.max().item():.3g} vs the fp32 reference exceeds {bound:.3g} "
+                          f"plus one {actual.dtype} rounding of the value")
 
 
 def _upcast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

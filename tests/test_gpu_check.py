@@ -145,6 +145,18 @@ def test_interleaved_host_times_alternate_providers():
 
 
 # ---- bandwidth math with known numbers -----------------------------------------------------------
+def test_low_precision_check_allows_one_rounding_of_an_exactly_copied_output():
+    """q_sample's bf16 noise target: the reference copies the noise exactly (its own bf16 error is 0), the
+    GPU kernel's float32 normal is a few float32 ulp off and may round to the neighbouring bf16 value."""
+    from benchmarks import cases as C
+    noise32 = torch.tensor([1.0, -1.5, 3.0, 0.25])
+    noise = noise32.to(torch.bfloat16)
+    one_ulp = torch.tensor([2**-7, 2**-7, 2**-6, 2**-9])  # bf16 spacing at each value
+    C.assert_matches(noise + one_ulp.to(torch.bfloat16), noise.float(), noise, "target")
+    with pytest.raises(AssertionError, match="exceeds"):
+        C.assert_matches(noise + (3 * one_ulp).to(torch.bfloat16), noise.float(), noise, "target")
+
+
 def test_bandwidth_math():
     assert TM.gbps(3e9, 1.0) == pytest.approx(3.0)
     assert TM.gbps(3e6, 1e-3) == pytest.approx(3.0)
@@ -329,10 +341,10 @@ def test_backend_order_per_size_class_and_size_rule():
     order = S.backend_order(_fake_gpu_results())
     classes = order["classes"]
     assert classes["sd-latent"]["default"] == "cpp" and classes["sd-latent"]["cpp_over_triton_stream"] == pytest.approx(0.6)
-    assert classes["batch16-sdxl"]["default"] == "triton"
-    assert classes["video"]["default"] == "triton"  # 2.5 % slower is inside the tie band: Triton stays
+    assert classes["batch16-sdxl"]["default"] == "triton"  # C++ 25 % slower
+    assert classes["video"]["default"] == "cpp"  # C++ 2.5 % slower is inside the tie band: the incumbent stays
     rule = order["size_rule"]
-    assert rule["below"] == "cpp" and rule["at_or_above"] == "triton" and rule["monotonic"]
+    assert rule["below"] == "cpp" and rule["at_or_above"] == "triton" and not rule["monotonic"]
     assert 16384 < rule["threshold_numel"] < 1048576
 
 
