@@ -10,7 +10,8 @@ Loops (same model, same number of steps, one run):
 Model only: the same loop with the sampler step removed (the model still runs every step);
 sampler share = 1 - model_only / loop time, both measured in the same case.
 Correctness first: every fastdiff loop matches the diffusers loop for the same generator, and the
-graph loops (which need seed=) match the eager fastdiff loop for the same seed bit for bit.
+graph loops (which need seed=) match the eager fastdiff loop for the same seed bit for bit, or, where
+the model itself is not bit-stable under capture (measured and reported), within LOOP_ATOL.
 
 Targets (issue 10, CPU, same run): fastdiff.sample() >= 1.5x the diffusers loop for the 1000-step
 DDPM 2-D MLP and >= 1.15x for the 50-step DDIM UNet. Measurements, never timed asserts.
@@ -126,8 +127,18 @@ def check_loop(loop: str, model, kind: str, shape, steps: int, device: str) -> s
     if loop in GRAPH_MODE:
         expected = make_run("fastdiff-loop", model, kind, shape, steps, device)()
         actual = make_run(loop, model, kind, shape, steps, device)()
-        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=lambda m: f"{loop}: {m}")
-        return "bit for bit vs the eager fastdiff loop"
+        if torch.equal(actual, expected):
+            return "bit for bit vs the eager fastdiff loop"
+        # Not bit-equal: only the model's own library kernels may explain it (cuDNN may pick another
+        # convolution algorithm inside a capture); a model that is bit-stable under capture leaves the
+        # sampler's graph path to blame, and that fails here.
+        model_diff = captured_model_difference(model, shape, device)
+        loop_diff = (actual - expected).abs().max().item()
+        assert model_diff > 0, (f"{loop}: differs from the eager fastdiff loop by {loop_diff:.3g} while the model "
+                                "alone is bit-equal captured and eager")
+        torch.testing.assert_close(actual, expected, atol=LOOP_ATOL, rtol=LOOP_RTOL, msg=lambda m: f"{loop}: {m}")
+        return (f"within {loop_diff:.2g} of the eager fastdiff loop: the model alone differs captured vs eager by "
+                f"{model_diff:.2g} (its library kernels)")
     if cases.skip_reason("diffusers", "cpu"):
         return "not checked: diffusers is not installed"
     gen = lambda: torch.Generator().manual_seed(cases.SEED)  # noqa: E731
@@ -135,6 +146,24 @@ def check_loop(loop: str, model, kind: str, shape, steps: int, device: str) -> s
     actual = make_run(loop, model, kind, shape, steps, device, gen)()
     torch.testing.assert_close(actual, expected, atol=LOOP_ATOL, rtol=LOOP_RTOL, msg=lambda m: f"{loop}: {m}")
     return f"vs the diffusers loop, same generator, atol {LOOP_ATOL}, rtol {LOOP_RTOL}"
+
+
+def captured_model_difference(model, shape, device: str) -> float:
+    """max |model(x, t) in a CUDA graph - model(x, t) eager| on one input."""
+    x = torch.randn(shape, device=device)
+    t = torch.full((shape[0],), 500, device=device, dtype=torch.long)
+    eager = model(x, t)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        model(x, t)  # warm-up off the capture stream, as torch.cuda.graph asks
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = model(x, t)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return (captured - eager).abs().max().item()
 
 
 def time_once(run, device: str) -> tuple[float, float]:
