@@ -233,10 +233,15 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-TIE = 0.05  # C++ must be at least 5% faster to displace Triton (today's first choice): noise never flips it
+TIE = 0.05  # the other backend must be at least 5% faster to displace today's first choice: noise never flips it
 
 
 def _decide(cpp_over_triton: float) -> str:
+    """The faster of C++ CUDA and Triton; inside the TIE band, the one fastdiff.backends tries first today."""
+    from fastdiff import backends
+    incumbent = next(b for b in backends.DEFAULT_ORDER["cuda"] if b in ("cpp", "triton"))
+    if incumbent == "cpp":
+        return "triton" if cpp_over_triton > 1 / (1 - TIE) else "cpp"
     return "cpp" if cpp_over_triton < 1 - TIE else "triton"
 
 
@@ -245,8 +250,8 @@ def backend_order(results: list[dict]) -> dict:
 
     Per class, over every (op, dtype) both measured: geometric means of the C++ / Triton ratios of
     stream time (an eager loop's cost per call: launch overhead included), kernel time (a graphed
-    loop's) and host time. The default for a class is the backend with the lower stream time; C++
-    displaces Triton (the current first choice) only when it is more than TIE faster.
+    loop's) and host time. The default for a class is the backend with the lower stream time; the
+    other displaces the current first choice (backends.DEFAULT_ORDER) only when it is more than TIE faster.
     """
     ok = [r for r in results if r.get("op") in cases.SPECS and not r.get("error") and r.get("stream_s")]
     by = {(r["op"], r["size"], r["dtype"], r["provider"]): r for r in ok}

@@ -1,7 +1,7 @@
 """Which implementation runs a call, and why the others cannot.
 
-Order (DESIGN "How a call flows"): CUDA tensors -> triton, cpp, reference; CPU tensors -> cpp,
-reference (triton runs CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1, and
+Order (DESIGN "How a call flows"): CUDA tensors -> cpp, triton, reference (measured: BENCHMARKS.md
+"Backend order on CUDA"); CPU tensors -> cpp, reference (triton runs CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1, and
 only when forced). FASTDIFF_BACKEND=reference|triton|cpp forces one; a forced backend that cannot
 run raises with every reason. `fastdiff.backends()` prints the table.
 """
@@ -20,7 +20,11 @@ import torch
 
 NAMES = ("triton", "cpp", "reference")
 ENV_VAR = "FASTDIFF_BACKEND"
-DEFAULT_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+# CUDA: C++ first. On an H200 (2026-12-04) its stream time per call was 0.15x Triton's at 16K and 1M
+# elements and 0.60x at 16M (Triton's Python launch costs ~100-200 us a call; C++'s ~13-25 us), so it
+# wins every size class of BENCHMARKS.md's rule; Triton's kernels are faster only inside CUDA graphs
+# at 16M elements. Triton stays the fallback when the extension was built without CUDA.
+DEFAULT_ORDER = {"cuda": ("cpp", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
 def _interpreting() -> bool:
