@@ -18,8 +18,9 @@ Tensor = torch.Tensor
 
 
 def _slots(row: Tensor, columns, num_slots: int) -> Tensor:
-    """History slot indices named by the row (int64, clamped into the buffer: a NaN row reads slot 0)."""
-    slots = torch.nan_to_num(row[list(columns)], nan=0.0).to(torch.int64)
+    """History slot indices named by the row (int64, clamped into the buffer: a NaN row reads slot 0).
+    `columns` are consecutive: a slice, since indexing with a list copies it to the device (no capture)."""
+    slots = torch.nan_to_num(row[columns[0]:columns[0] + len(columns)], nan=0.0).to(torch.int64)
     return slots.clamp(0, max(num_slots - 1, 0))
 
 
