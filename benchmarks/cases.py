@@ -41,6 +41,7 @@ from fastdiff import noise as N
 from fastdiff import ops
 from fastdiff import reference as R
 from fastdiff import tables as T
+from fastdiff.eager import history_slots
 
 # ---- sizes, dtypes, providers ----------------------------------------------------------------------
 SIZES: dict[str, tuple[int, ...]] = {
@@ -453,8 +454,7 @@ def eager_step(model_output, sample, history, table, index, noise, guidance_scal
                write_history, write_out2):
     """The step in plain torch ops: (prev, hist if written, out2 if written), history read at the row's slots."""
     row = T.gather_row(table, index)
-    # a slice of the row's consecutive slot columns (a list index would be a host copy, never captured)
-    slots = row[T.READ_SLOT[0]:T.READ_SLOT[0] + history_reads].to(torch.int64)
+    slots = history_slots(row, T.READ_SLOT[:history_reads], history.shape[0])
     reads = tuple(history.index_select(0, slots)) if history_reads else ()
     result = R.step(model_output, sample, row, reads, noise, guidance_scale=guidance_scale, clip_range=clip_range,
                     write_history=write_history, write_out2=write_out2)

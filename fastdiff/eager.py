@@ -17,7 +17,7 @@ from . import tables as T
 Tensor = torch.Tensor
 
 
-def _slots(row: Tensor, columns, num_slots: int) -> Tensor:
+def history_slots(row: Tensor, columns, num_slots: int) -> Tensor:
     """History slot indices named by the row (int64, clamped into the buffer: a NaN row reads slot 0).
     `columns` are consecutive: a slice, since indexing with a list copies it to the device (no capture)."""
     slots = torch.nan_to_num(row[columns[0]:columns[0] + len(columns)], nan=0.0).to(torch.int64)
@@ -38,7 +38,7 @@ def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, his
          clip_range: Optional[float], threshold: Optional[Tensor], history_reads: int, write_history: bool,
          write_out2: bool, advance: bool) -> None:
     row = T.gather_row(table, index)
-    reads = history.index_select(0, _slots(row, T.READ_SLOT[:history_reads], history.shape[0])) \
+    reads = history.index_select(0, history_slots(row, T.READ_SLOT[:history_reads], history.shape[0])) \
         if history_reads else ()
     result = R.step(model_output, sample, row, tuple(reads), _noise(noise, seed, row, sample, sample_offset),
                     guidance_scale=guidance_scale, guidance_extra=guidance_extra, extra_scale=extra_scale,
@@ -46,7 +46,7 @@ def step(model_output: Tensor, sample: Tensor, table: Tensor, index: Tensor, his
                     write_history=write_history)
     for written, value, column in ((write_out2, result.out2, T.OUT2_SLOT), (write_history, result.hist, T.HIST_SLOT)):
         if written:  # reads above are copies: a slot read and written by one row would still be safe
-            history.index_copy_(0, _slots(row, (column,), history.shape[0]), value.to(history.dtype)[None])
+            history.index_copy_(0, history_slots(row, (column,), history.shape[0]), value.to(history.dtype)[None])
     out.copy_(result.prev)
     if x0_out is not None:
         x0_out.copy_(result.x0)
