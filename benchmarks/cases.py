@@ -454,8 +454,8 @@ def eager_step(model_output, sample, history, table, index, noise, guidance_scal
                write_history, write_out2):
     """The step in plain torch ops: (prev, hist if written, out2 if written), history read at the row's slots."""
     row = T.gather_row(table, index)
-    slots = history_slots(row, T.READ_SLOT[:history_reads], history.shape[0])
-    reads = tuple(history.index_select(0, slots)) if history_reads else ()
+    reads = tuple(history.index_select(0, history_slots(row, T.READ_SLOT[:history_reads], history.shape[0]))) \
+        if history_reads else ()
     result = R.step(model_output, sample, row, reads, noise, guidance_scale=guidance_scale, clip_range=clip_range,
                     write_history=write_history, write_out2=write_out2)
     written = (result.hist,) * write_history + (result.out2,) * write_out2
