@@ -12,7 +12,6 @@ import functools
 import importlib
 import importlib.util
 import os
-import pathlib
 import sys
 from types import ModuleType
 
@@ -33,19 +32,8 @@ def _interpreting() -> bool:
 
 @functools.cache
 def _import_kernels() -> ModuleType:
-    """`fastdiff.kernels` when installed; from a source checkout, the sibling `kernels/` folder."""
-    try:
-        return importlib.import_module("fastdiff.kernels")
-    except ModuleNotFoundError:
-        source = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-        if not source.exists():
-            raise
-        spec = importlib.util.spec_from_file_location("fastdiff.kernels", source,
-                                                      submodule_search_locations=[str(source.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fastdiff.kernels"] = module
-        spec.loader.exec_module(module)
-        return module
+    """`fastdiff.kernels`, imported on first use (it imports triton)."""
+    return importlib.import_module("fastdiff.kernels")
 
 
 def _triton_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:

@@ -7,7 +7,7 @@ Two ways in, same bits (tested):
 - the eager fast path (`run_step`, `run_q_sample`): straight to the backend's function, with
   optional output buffers (`out=sample` steps in place). Samplers call these.
 
-Every backend module (fastdiff/eager.py, fastdiff/_cpp.py, kernels/) defines the same
+Every backend module (fastdiff/eager.py, fastdiff/_cpp.py, fastdiff/kernels/) defines the same
 out-variant functions:
 
     step(model_output, sample, table, index, history, out, x0_out, noise, seed, sample_offset,

@@ -1,6 +1,6 @@
 """Eager PyTorch ground truth for every fused op: the generic step, q_sample and CFG.
 
-The kernels (kernels/, csrc/) compute exactly these lines, term by term and in this order, so
+The kernels (fastdiff/kernels/, csrc/) compute exactly these lines, term by term and in this order, so
 fp32 results differ from the reference only by FMA contraction. The meaning of a row's numbers
 is the sampler's business (fastdiff/samplers/*, each citing its paper); here they are just
 coefficients (column names in fastdiff.tables).

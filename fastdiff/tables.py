@@ -1,7 +1,7 @@
 """Step tables: a step is a row of numbers (DESIGN "The step engine").
 
 Every sampler computes, per element, the same few lines (fastdiff.reference.step is the ground
-truth; kernels/step.py, csrc/step_math.h and fastdiff/eager.py implement them):
+truth; fastdiff/kernels/step.py, csrc/step_math.h and fastdiff/eager.py implement them):
 
     m    = u + w (c - u) + w2 (c - e)          guidance (CFG, Ho & Salimans 2022 eq. 6; SD3 skip-layer)
     x    = sample + PRE_NOISE n                 noise added before the update (Euler's churn)

@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/) against the reference backend (fastdiff.eager) and the numpy Philox oracle.
+"""The Triton kernels (fastdiff/kernels/) against the reference backend (fastdiff.eager) and the numpy Philox oracle.
 
 On CPU they run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which is
 slow: tensors stay small (a few hundred elements; a few thousand where a tile boundary matters) and

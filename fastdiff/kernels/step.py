@@ -39,7 +39,7 @@ def _first_of_run(columns: tuple[int, ...], name: str) -> tl.constexpr:
     """The first of consecutive columns: the kernel reads column k of the run as first + k."""
     if tuple(columns) != tuple(range(columns[0], columns[0] + len(columns))):
         raise ImportError(f"fastdiff.tables.{name} = {columns} is not a run of consecutive columns; "
-                          "kernels/step.py reads it as first + k")
+                          "fastdiff/kernels/step.py reads it as first + k")
     return tl.constexpr(columns[0])
 
 
