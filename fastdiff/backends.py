@@ -1,9 +1,10 @@
 """Which implementation runs a call, and why the others cannot.
 
 Order (DESIGN "How a call flows"): CUDA tensors -> cpp, triton, reference (measured: BENCHMARKS.md
-"Backend order on CUDA"); CPU tensors -> cpp, reference (triton runs CPU tensors only under the Triton interpreter, TRITON_INTERPRET=1, and
-only when forced). FASTDIFF_BACKEND=reference|triton|cpp forces one; a forced backend that cannot
-run raises with every reason. `fastdiff.backends()` prints the table.
+"Backend order on CUDA"); CPU tensors -> cpp, reference (triton runs CPU tensors only under the
+Triton interpreter, TRITON_INTERPRET=1, and only when forced). FASTDIFF_BACKEND=reference|triton|cpp
+forces one; a forced backend that cannot run raises with every reason. `fastdiff.backends()` prints
+the table.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import torch
 
 NAMES = ("triton", "cpp", "reference")
 ENV_VAR = "FASTDIFF_BACKEND"
-# CUDA: C++ first. On an H200 (2026-12-04) its stream time per call was 0.15x Triton's at 16K and 1M
-# elements and 0.60x at 16M (Triton's Python launch costs ~100-200 us a call; C++'s ~13-25 us), so it
-# wins every size class of BENCHMARKS.md's rule; Triton's kernels are faster only inside CUDA graphs
-# at 16M elements. Triton stays the fallback when the extension was built without CUDA.
+# CUDA: C++ first. On an H200 (2026-12-04, two runs) its stream time per call was 0.14-0.15x Triton's
+# at 16K and 1M elements and 0.49-0.60x at 16M (Triton's Python launch costs ~100-200 us a call, C++'s
+# ~13-25 us), so it wins every size class of BENCHMARKS.md's rule; Triton's kernels are faster only
+# inside CUDA graphs at 16M elements. Triton stays the fallback when the extension has no CUDA.
 DEFAULT_ORDER = {"cuda": ("cpp", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
