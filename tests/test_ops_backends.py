@@ -148,3 +148,15 @@ def test_float64_skips_triton(monkeypatch):
     with pytest.raises(RuntimeError, match="triton: the Triton kernels store fp32/fp16/bf16 only"):
         backends.select("step", torch.zeros(1, dtype=torch.float64))
     assert backends.unavailable_reason("triton", "cuda", torch.float64) is not None
+
+
+@pytest.mark.parametrize("op", ["step", "q_sample", "cfg_combine"])
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_every_backend_has_the_engine_signature(name, op):
+    """fastdiff.ops calls every backend the same way: the reference backend's parameter names (the GPU
+    benchmark refused Triton's cfg_combine while it took an extra `out=`)."""
+    from benchmarks import cases
+    reason = backends.unavailable_reason(name, torch.device("cuda" if name == "triton" else "cpu"))
+    if name == "cpp" and reason:
+        pytest.skip(f"the C++ backend is unavailable: {reason}")
+    assert cases.engine_signature_reason(name, op) is None  # triton imports (compiling nothing) without a GPU

@@ -5,8 +5,6 @@ into the step and saves a round trip of the guided prediction through memory.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -24,13 +22,13 @@ def _cfg_combine_kernel(u_ptr, c_ptr, out_ptr, numel, guidance_scale, BLOCK: tl.
     tl.store(out_ptr + off, to_storage(u + guidance_scale * (c - u), out_ptr), mask=mask)
 
 
-def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float, *,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fastdiff.ops.cfg_combine on the Triton kernel; the result has cond's dtype and layout."""
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """fastdiff.ops.cfg_combine on the Triton kernel (the backend signature); the result has cond's dtype
+    and layout."""
     C.check_tensor("cond", cond)
     C.check_tensor("uncond", uncond, cond.device)
     C.check_shape("uncond", uncond, cond.shape, " (cond's shape)")
-    result = C.output(cond, out)
+    result = C.output(cond, None)
     buf = C.writable(result)
     if cond.numel():
         with C.device_guard(cond.device):
