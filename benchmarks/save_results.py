@@ -47,7 +47,14 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+COMMIT_ENV = "FASTDIFF_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    """HEAD (+ "-dirty"), or $FASTDIFF_GIT_COMMIT when set: a copied tree whose .git is stale (the device
+    tool's copy named the session's first commit on 2026-12-04) says which commit it is."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown (no git)"

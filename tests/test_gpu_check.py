@@ -413,3 +413,11 @@ def test_import_copies_results_and_refreshes_the_gpu_block(dry_run, tmp_path):
     assert len(list((tmp_path / "results").glob("*.json"))) == 1 and len(list((tmp_path / "results").glob("*.md"))) == 1
     text = doc.read_text()
     assert "nothing yet" not in text and "Device: **" in text and text.endswith("b\n")
+
+
+def test_results_name_the_commit_given_for_a_copied_tree(monkeypatch):
+    from benchmarks import save_results as S
+    monkeypatch.delenv(S.COMMIT_ENV, raising=False)
+    assert S.git_commit() != "abc1234"
+    monkeypatch.setenv(S.COMMIT_ENV, "abc1234")
+    assert S.git_commit() == "abc1234"
