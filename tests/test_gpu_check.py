@@ -144,7 +144,6 @@ def test_interleaved_host_times_alternate_providers():
     assert timings["a"].median_s == 1.0 and timings["b"].median_s == 3.0
 
 
-# ---- bandwidth math with known numbers -----------------------------------------------------------
 def test_low_precision_check_allows_one_rounding_of_an_exactly_copied_output():
     """q_sample's bf16 noise target: the reference copies the noise exactly (its own bf16 error is 0), the
     GPU kernel's float32 normal is a few float32 ulp off and may round to the neighbouring bf16 value."""
@@ -157,6 +156,7 @@ def test_low_precision_check_allows_one_rounding_of_an_exactly_copied_output():
         C.assert_matches(noise + (3 * one_ulp).to(torch.bfloat16), noise.float(), noise, "target")
 
 
+# ---- bandwidth math with known numbers -----------------------------------------------------------
 def test_bandwidth_math():
     assert TM.gbps(3e9, 1.0) == pytest.approx(3.0)
     assert TM.gbps(3e6, 1e-3) == pytest.approx(3.0)

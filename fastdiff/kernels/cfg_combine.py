@@ -28,7 +28,7 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float)
     C.check_tensor("cond", cond)
     C.check_tensor("uncond", uncond, cond.device)
     C.check_shape("uncond", uncond, cond.shape, " (cond's shape)")
-    result = C.output(cond, None)
+    result = torch.empty_like(cond)
     buf = C.writable(result)
     if cond.numel():
         with C.device_guard(cond.device):
